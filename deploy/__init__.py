@@ -1,0 +1,1 @@
+"""torch -> OpenVINO IR export and bundle writing (extra [train]); see deploy/README_SECTION.md."""

@@ -1,0 +1,7 @@
+"""`python -m edge_ad ...` is the same as the `edge-ad` command."""
+
+import sys
+
+from edge_ad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""`edge-ad run`: assemble source, model, decisions and outputs from a RunConfig, then run.
+
+Start-up order is chosen so operators learn about problems early and from
+the right place: bad options and bundles fail before anything connects; the
+broker comes before the camera, so a camera that needs retries shows up as
+`degraded` on the status topic. SIGINT/SIGTERM stop capture, drain requests,
+flush alerts and publish `offline`; a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+
+from edge_ad.config import RunConfig
+from edge_ad.errors import ConfigError
+from edge_ad.events import Topics, model_identity, status_payload
+from edge_ad.inference import Detector
+from edge_ad.mqtt import MqttSettings
+from edge_ad.pipeline import Pipeline
+from edge_ad.policy import AlertPolicy
+from edge_ad.regions import RoiMask
+from edge_ad.scoring import Scorer
+from edge_ad.sinks import Sink, Sinks
+from edge_ad.sinks.jsonl import JsonlSink
+from edge_ad.sinks.mqtt import MqttSink
+from edge_ad.snapshots import SnapshotWriter
+from edge_ad.sources import Backoff, safe_id, open_source
+from edge_ad.stats import RuntimeStats
+from edge_ad.statusline import StatusLine
+
+log = logging.getLogger("edge_ad")
+
+
+def mqtt_settings(config: RunConfig, client_id: str) -> MqttSettings:
+    return MqttSettings(
+        host=config.mqtt_host, port=config.port, client_id=config.mqtt_client_id or client_id,
+        username=config.mqtt_username, password_file=config.mqtt_password_file, tls=config.tls_enabled,
+        ca=config.mqtt_ca, cert=config.mqtt_cert, key=config.mqtt_key, keepalive=config.mqtt_keepalive,
+        retries=config.mqtt_retries, retry_delay=config.mqtt_retry_delay,
+    )
+
+
+class _Signals:
+    """First SIGINT/SIGTERM asks for a clean stop; a second one aborts (KeyboardInterrupt)."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        log.info("%s received: draining in-flight frames and flushing alerts (again to abort)",
+                 signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run(config: RunConfig) -> int:
+    """Run detection until the source ends, --max-frames, or a signal; returns the exit code."""
+    stop = threading.Event()
+    roi = None
+    if config.roi_mask:
+        try:
+            roi = RoiMask.load(config.roi_mask)
+        except ValueError as exc:
+            raise ConfigError(f"--roi-mask: {exc}") from None
+    detector = Detector(config.model, device=config.device, mode=config.mode, requests=config.requests)
+    bundle = detector.bundle
+    log.info("model %s/%s %s from %s on %s (%s mode, %d request(s) in flight)", bundle.model.algorithm,
+             bundle.model.backbone, bundle.model.precision, config.model, config.device, config.mode,
+             detector.requests)
+    scorer = Scorer(bundle.thresholds, config.image_threshold, config.pixel_threshold, config.min_area, roi)
+    try:
+        policy = AlertPolicy(config.alert_n, config.alert_m, config.cooldown_value, config.clear_after)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    sinks = Sinks([])
+    status = _StatusReporter(sinks, model_identity(bundle))
+    source = open_source(config.camera, config.video, config.images, realtime=config.realtime,
+                         backoff=Backoff(config.source_retries, config.retry_delay, config.retry_max_delay),
+                         stop=stop, on_state=status)
+    topics = Topics(config.topic_root, config.device_id or safe_id(socket.gethostname()) or "edge",
+                    config.camera_id or source.default_id)
+    status.topics = topics
+    try:
+        snapshots = SnapshotWriter(config.snapshots, config.snapshot_quality) if config.snapshots else None
+    except OSError as exc:
+        raise ConfigError(f"cannot create --snapshots folder {config.snapshots}: {exc.strerror or exc}") from None
+    stats = RuntimeStats()
+    with _Signals(stop):
+        reason = "shutdown"
+        try:
+            if config.jsonl or not config.mqtt_host:
+                sinks.sinks.append(JsonlSink(config.jsonl or "-"))
+            if config.mqtt_host:
+                settings = mqtt_settings(config, f"edge-ad-{topics.device}-{topics.camera}")
+                sinks.sinks.append(MqttSink(settings, topics, model=status.model, stop=stop))
+            status("online")
+            source.open()
+            with StatusLine(sys.stderr, config.status_interval) as line:
+                pipeline = Pipeline(detector=detector, source=source, scorer=scorer, policy=policy, sinks=sinks,
+                                    topics=topics, model=status.model, stop=stop, stats=stats,
+                                    snapshots=snapshots, max_frames=config.max_frames, heartbeat=config.heartbeat,
+                                    status_line=line)
+                pipeline.run()
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            raise
+        finally:
+            status("offline", reason)
+            sinks.close()
+    log.info("done: %s", stats.line())
+    if stop.is_set():
+        log.info("stopped on request")
+    return 0
+
+
+class _StatusReporter:
+    """Publishes device status (online / degraded / offline) when it changes."""
+
+    def __init__(self, sinks: Sink, model: dict):
+        self.sinks, self.model = sinks, model
+        self.topics: Topics | None = None
+        self._last: tuple[str, str] | None = None
+
+    def __call__(self, state: str, reason: str = "") -> None:
+        if self.topics is None or (state, reason) == self._last:
+            return
+        self._last = (state, reason)
+        self.sinks.publish("status", status_payload(state, device=self.topics.device, camera=self.topics.camera,
+                                                    reason=reason, model=self.model))

@@ -1,0 +1,109 @@
+"""`edge-ad bench`: how fast is this bundle on this machine, before it goes on the line.
+
+Latency: single synchronous requests after warm-up (what one frame waits).
+Throughput: the AsyncInferQueue with OpenVINO's optimal number of requests
+(what the device sustains). Preprocessing of a 1280x720 frame is timed too,
+since it runs on the capture thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.properties as props
+
+from edge_ad.events import model_identity
+from edge_ad.inference import compile_model, load_model
+from edge_ad.preprocess import preprocess
+
+
+def _summary_ms(samples: list[float]) -> dict:
+    ms = np.asarray(samples, dtype=np.float64) * 1000.0
+    return {
+        "median": round(float(np.median(ms)), 3),
+        "mean": round(float(ms.mean()), 3),
+        "p90": round(float(np.percentile(ms, 90)), 3),
+        "p99": round(float(np.percentile(ms, 99)), 3),
+        "min": round(float(ms.min()), 3),
+        "max": round(float(ms.max()), 3),
+    }
+
+
+def benchmark(bundle_dir: str | Path, device: str = "CPU", mode: str = "latency", seconds: float = 6.0,
+              warmup: int = 5, requests: int = 0) -> dict:
+    """Measure; `seconds` is split evenly between the latency and the throughput phase."""
+    core = ov.Core()
+    bundle, model = load_model(bundle_dir, core)
+    compiled = compile_model(core, model, device, mode)
+    spec = bundle.preprocess
+    name = bundle.model.input_name
+    tensor = np.random.default_rng(0).random((1, 3, spec.height, spec.width), dtype=np.float32)
+    phase = max(seconds / 2.0, 0.05)
+
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer({name: tensor}, share_inputs=True)
+    latencies: list[float] = []
+    end = time.perf_counter() + phase
+    while time.perf_counter() < end or len(latencies) < 10:
+        start = time.perf_counter()
+        request.infer({name: tensor}, share_inputs=True)
+        latencies.append(time.perf_counter() - start)
+
+    nireq = requests or max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
+    infer_queue = ov.AsyncInferQueue(compiled, nireq)
+    for _ in range(nireq):
+        infer_queue.start_async({name: tensor}, share_inputs=True)
+    infer_queue.wait_all()
+    frames = 0
+    start = time.perf_counter()
+    end = start + phase
+    while time.perf_counter() < end or frames < nireq:
+        infer_queue.start_async({name: tensor}, share_inputs=True)  # blocks while all requests are busy
+        frames += 1
+    infer_queue.wait_all()
+    elapsed = time.perf_counter() - start
+
+    frame = np.random.default_rng(1).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    prep = []
+    for _ in range(20):
+        start = time.perf_counter()
+        preprocess(frame, spec)
+        prep.append(time.perf_counter() - start)
+
+    return {
+        "bundle": str(Path(bundle_dir).resolve()),
+        "model": model_identity(bundle),
+        "device": device,
+        "mode": mode,
+        "input": f"1x3x{spec.height}x{spec.width}",
+        "latency_ms": _summary_ms(latencies),
+        "latency_requests": len(latencies),
+        "throughput_fps": round(frames / elapsed, 2),
+        "throughput_frames": frames,
+        "requests_in_flight": nireq,
+        "preprocess_ms_1280x720": round(float(np.median(prep)) * 1000.0, 3),
+        "openvino": ov.__version__.split("-")[0],
+    }
+
+
+def format_report(result: dict) -> str:
+    m = result["model"]
+    lat = result["latency_ms"]
+    return "\n".join([
+        f"edge-ad bench: {m['algorithm']}/{m['backbone']} {m['precision']} (bundle {m['bundle_hash']}) "
+        f"on {result['device']}, {result['mode']} mode, input {result['input']}, OpenVINO {result['openvino']}",
+        f"  latency     median {lat['median']:.2f} ms   p99 {lat['p99']:.2f} ms   "
+        f"(min {lat['min']:.2f}, max {lat['max']:.2f}; {result['latency_requests']} sync requests)",
+        f"  throughput  {result['throughput_fps']:.1f} fps   ({result['requests_in_flight']} requests in flight, "
+        f"{result['throughput_frames']} frames)",
+        f"  preprocess  {result['preprocess_ms_1280x720']:.2f} ms per 1280x720 frame",
+    ])
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2)

@@ -1,0 +1,175 @@
+"""The model bundle: a folder an operator copies to the industrial PC.
+
+`bundle.json` describes the IR next to it: how to preprocess, the raw thresholds
+and normalization statistics (data, never baked into the graph), the metrics
+measured for each precision, and a sha256 of every file. Loading verifies the
+checksums and the schema version before anything is handed to OpenVINO.
+Only json/hashlib here: the runtime reads bundles without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge_ad.preprocess import PreprocessSpec
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, tampered with, or of a schema this runtime does not know."""
+
+
+@dataclass
+class Thresholds:
+    """Raw (unnormalized) decision thresholds plus the statistics that map raw -> 0..1.
+
+    normalized = clip(0.5 + (raw - threshold) / (max - min), 0, 1), so the
+    threshold always sits at 0.5. min/max are taken over held-out normal images.
+    """
+
+    image: float
+    pixel: float
+    image_min: float
+    image_max: float
+    pixel_min: float
+    pixel_max: float
+    target_fpr: float | None = None
+    source: str = "validation"  # where they were computed: validation split, site images...
+
+
+@dataclass
+class ModelInfo:
+    algorithm: str  # "stfpm" | "dfm"
+    backbone: str
+    precision: str  # "fp32" | "fp16" | "int8"
+    xml: str = "model.xml"
+    bin: str = "model.bin"
+    input_name: str = "image"
+    outputs: tuple[str, str] = ("anomaly_map", "score")
+
+
+@dataclass
+class TrainingInfo:
+    category: str
+    data_root: str
+    data_fingerprint: str
+    epochs: int | None
+    seed: int
+    image_size: int
+    validation_fraction: float
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Bundle:
+    model: ModelInfo
+    preprocess: PreprocessSpec
+    thresholds: Thresholds
+    training: TrainingInfo
+    # {"torch": {...}, "fp32_ir": {...}, "int8_ir": {...}}: same test images for each
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    calibration: dict | None = None
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    versions: dict[str, str] = field(default_factory=dict)
+    created_utc: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["model"]["outputs"] = list(self.model.outputs)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Bundle":
+        try:
+            model = dict(data["model"])
+            model["outputs"] = tuple(model.get("outputs", ModelInfo.outputs))
+            return cls(
+                model=ModelInfo(**model),
+                preprocess=PreprocessSpec.from_dict(data["preprocess"]),
+                thresholds=Thresholds(**data["thresholds"]),
+                training=TrainingInfo(**data["training"]),
+                metrics=data.get("metrics", {}),
+                calibration=data.get("calibration"),
+                files=data.get("files", {}),
+                versions=data.get("versions", {}),
+                created_utc=data.get("created_utc", ""),
+                schema_version=data["schema_version"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"bundle.json is malformed: {exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_hash(bundle: Bundle) -> str:
+    """Short identity of a bundle's model files, carried in every alert."""
+    joined = "".join(f"{name}:{digest}" for name, digest in sorted(bundle.files.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def write_bundle(folder: str | Path, bundle: Bundle) -> Path:
+    """Checksum the model files already in `folder` and write bundle.json beside them."""
+    folder = Path(folder)
+    names = [bundle.model.xml, bundle.model.bin]
+    bundle.files = {name: sha256_file(folder / name) for name in names}
+    if not bundle.created_utc:
+        bundle.created_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path = folder / BUNDLE_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(bundle.to_dict(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_bundle(folder: str | Path, verify: bool = True) -> Bundle:
+    """Load bundle.json; refuse unknown schemas and files that fail their checksum."""
+    folder = Path(folder)
+    path = folder / BUNDLE_FILE
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder not found: {folder}")
+    if not path.is_file():
+        raise BundleError(f"not a bundle (no {BUNDLE_FILE}): {folder}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {version!r} is not supported by this runtime "
+            f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edge-ad"
+        )
+    bundle = Bundle.from_dict(data)
+    if verify:
+        verify_files(folder, bundle)
+    return bundle
+
+
+def verify_files(folder: Path, bundle: Bundle) -> None:
+    for name in (bundle.model.xml, bundle.model.bin):
+        if name not in bundle.files:
+            raise BundleError(f"bundle.json lists no checksum for {name}")
+    for name, expected in bundle.files.items():
+        file = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"bundle file name escapes the bundle folder: {name}")
+        if not file.is_file():
+            raise BundleError(f"bundle file missing: {file}")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(f"checksum mismatch for {file}: the file was changed after export; refusing to load")

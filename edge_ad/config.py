@@ -1,0 +1,286 @@
+"""Run options as one typed dataclass: defaults < config file (YAML/TOML) < command line.
+
+A config file may hold every option (flat keys, or one level of sections such as
+`[mqtt] host = ...` meaning `mqtt_host`). Unknown keys are an error, not a silent
+typo. Relative paths in a config file are taken relative to that file. The MQTT
+password is never an option: it comes from $EDGE_AD_MQTT_PASSWORD or a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from edge_ad.errors import ConfigError
+from edge_ad.policy import Cooldown
+
+PASSWORD_ENV = "EDGE_AD_MQTT_PASSWORD"
+MODES = ("latency", "throughput")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class RunConfig:
+    """Everything `edge-ad run` needs; field names are the long options with `_` for `-`."""
+
+    # frame source (exactly one of camera / video / images)
+    camera: int | None = None
+    video: str | None = None
+    images: str | None = None
+    realtime: bool = False
+    source_retries: int = 10
+    retry_delay: float = 1.0
+    retry_max_delay: float = 30.0
+    max_frames: int | None = None
+    # model and inference
+    model: str | None = None
+    device: str = "CPU"
+    mode: str = "latency"
+    requests: int = 0  # 0 = OpenVINO's optimal number of in-flight requests
+    image_threshold: float = 0.5  # normalized; 0.5 = the bundle's raw threshold
+    pixel_threshold: float = 0.5
+    min_area: int = 1
+    roi_mask: str | None = None
+    # alert policy
+    alert_n: int = 3
+    alert_m: int = 5
+    cooldown: str = "10s"
+    clear_after: int | None = None  # consecutive normal frames; default alert_m
+    # identity and outputs
+    device_id: str | None = None  # default: host name
+    camera_id: str | None = None  # default: derived from the source
+    topic_root: str = "edge-ad"
+    heartbeat: float = 30.0
+    jsonl: str | None = None  # path, or "-" for stdout
+    snapshots: str | None = None
+    snapshot_quality: int = 90
+    # MQTT broker
+    mqtt_host: str | None = None
+    mqtt_port: int | None = None  # default 1883, or 8883 with TLS
+    mqtt_client_id: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password_file: str | None = None
+    mqtt_tls: bool = False
+    mqtt_ca: str | None = None
+    mqtt_cert: str | None = None
+    mqtt_key: str | None = None
+    mqtt_keepalive: int = 60
+    mqtt_retries: int = 5
+    mqtt_retry_delay: float = 1.0
+    # operator
+    status_interval: float = 10.0
+    log_level: str = "info"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def cooldown_value(self) -> Cooldown:
+        return Cooldown.parse(self.cooldown)
+
+    @property
+    def port(self) -> int:
+        if self.mqtt_port is not None:
+            return self.mqtt_port
+        return 8883 if self.tls_enabled else 1883
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.mqtt_tls or self.mqtt_ca or self.mqtt_cert or self.mqtt_key)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+PATH_FIELDS = ("model", "video", "images", "roi_mask", "snapshots", "jsonl", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key")
+_HINTS = get_type_hints(RunConfig)
+
+
+def default(name: str) -> Any:
+    """Default of one option, for help texts."""
+    return RunConfig.__dataclass_fields__[name].default
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    hint = _HINTS[name]
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{origin}: '{name}' must not be empty")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: '{name}' must be true or false, got {value!r}")
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if str in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"{origin}: '{name}' must be {wanted}, got {value!r}")
+
+
+def _flatten(data: dict) -> dict:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}_{str(sub).replace('-', '_')}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_keys(flat: dict, origin: str) -> None:
+    if "mqtt_password" in flat:
+        raise ConfigError(
+            f"{origin}: 'mqtt_password' is not accepted in a config file; "
+            f"set ${PASSWORD_ENV} or mqtt_password_file instead"
+        )
+    for key in flat:
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{origin}: unknown option '{key}'{hint}")
+
+
+def _parse_file(path: Path) -> dict:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .toml config") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    elif suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ImportError:
+                raise ConfigError(f"{path}: reading TOML on Python 3.10 needs tomli; or use a .yaml config") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    else:
+        raise ConfigError(f"{path}: config file must end in .yaml, .yml, .toml or .json")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must hold a mapping of option: value")
+    return data
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Config file -> {field: value}, checked and typed, paths made relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = _parse_file(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    flat = _flatten(raw)
+    _check_keys(flat, str(path))
+    values = {key: _coerce(key, value, str(path)) for key, value in flat.items()}
+    for key in PATH_FIELDS:
+        value = values.get(key)
+        if isinstance(value, str) and value != "-" and "://" not in value:
+            expanded = Path(os.path.expanduser(value))
+            values[key] = str(expanded if expanded.is_absolute() else path.parent / expanded)
+    return values
+
+
+def build_config(cli_values: dict, config_file: str | Path | None = None) -> RunConfig:
+    """Merge defaults < config file < command line, then validate."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(load_config_file(config_file))
+    for key, value in cli_values.items():
+        _check_keys({key: value}, "command line")
+        merged[key] = _coerce(key, value, "command line")
+    config = RunConfig(**merged)
+    validate(config)
+    return config
+
+
+_ID = re.compile(r"^[^/+#\s\x00]+$")
+
+
+def _positive(config: RunConfig, name: str, allow_zero: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        option = "--" + name.replace("_", "-")
+        raise ConfigError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config: RunConfig) -> None:
+    """Semantic checks that do not touch the network, the camera or the model."""
+    sources = [name for name in ("camera", "video", "images") if getattr(config, name) is not None]
+    if not sources:
+        raise ConfigError("no frame source: give --camera N, --video PATH_OR_URL or --images DIR_OR_GLOB")
+    if len(sources) > 1:
+        raise ConfigError("give only one frame source, got " + " and ".join("--" + s for s in sources))
+    if config.camera is not None and config.camera < 0:
+        raise ConfigError(f"--camera must be a device index >= 0, got {config.camera}")
+    if not config.model:
+        raise ConfigError("no model: give --model BUNDLE_DIR (a folder with bundle.json, model.xml, model.bin)")
+    if config.mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
+    for name in ("image_threshold", "pixel_threshold"):
+        value = getattr(config, name)
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} is a normalized score and must be in (0, 1), got {value}")
+    for name in ("alert_n", "alert_m", "heartbeat", "min_area", "retry_delay", "retry_max_delay", "max_frames",
+                 "clear_after", "status_interval", "mqtt_keepalive", "mqtt_retry_delay", "snapshot_quality"):
+        _positive(config, name)
+    for name in ("source_retries", "mqtt_retries", "requests"):
+        _positive(config, name, allow_zero=True)
+    if config.alert_n > config.alert_m:
+        raise ConfigError(f"--alert-n ({config.alert_n}) cannot exceed --alert-m ({config.alert_m})")
+    if config.snapshot_quality > 100:
+        raise ConfigError(f"--snapshot-quality must be 1..100, got {config.snapshot_quality}")
+    try:
+        Cooldown.parse(config.cooldown)
+    except ValueError as exc:
+        raise ConfigError(f"--cooldown: {exc}") from None
+    for name in ("device_id", "camera_id", "topic_root"):
+        value = getattr(config, name)
+        if value is not None and not _ID.match(value):
+            if name == "topic_root" and "/" in value and all(_ID.match(p) for p in value.split("/")):
+                continue
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} must not be empty or contain '/', '+', '#' or spaces")
+    if config.mqtt_port is not None and not 0 < config.mqtt_port < 65536:
+        raise ConfigError(f"--mqtt-port must be 1..65535, got {config.mqtt_port}")
+    for name in ("mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "roi_mask"):
+        value = getattr(config, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"--{name.replace('_', '-')} file not found: {value}")
+    if config.mqtt_key and not config.mqtt_cert:
+        raise ConfigError("--mqtt-key needs --mqtt-cert (the client certificate it belongs to)")
+    mqtt_only = ("mqtt_username", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id")
+    if config.mqtt_host is None and (config.mqtt_tls or any(getattr(config, n) for n in mqtt_only)):
+        raise ConfigError("MQTT options given without --mqtt-host")
+    if config.mqtt_password_file and not config.mqtt_username:
+        raise ConfigError("--mqtt-password-file needs --mqtt-username")

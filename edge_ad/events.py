@@ -1,0 +1,117 @@
+"""The JSON messages edge-ad emits and the MQTT topics they go to.
+
+One place defines the payloads, so MQTT, JSON lines and the `listen` command
+agree on them. Every payload carries `event` (alert | clear | status |
+heartbeat) so a JSON-lines stream can be filtered without topics.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from edge_ad import __version__
+from edge_ad.bundle import Bundle, bundle_hash
+from edge_ad.regions import Region
+
+SCHEMA = 1  # payload schema version, bumped on incompatible changes
+
+
+def utc_iso(moment: datetime | None = None) -> str:
+    """ISO 8601 UTC with milliseconds and a Z suffix."""
+    moment = moment or datetime.now(timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """`<root>/<device>/<camera>/alert|clear`, `<root>/<device>/status|heartbeat`."""
+
+    root: str
+    device: str
+    camera: str
+
+    @property
+    def alert(self) -> str:
+        return f"{self.root}/{self.device}/{self.camera}/alert"
+
+    @property
+    def clear(self) -> str:
+        return f"{self.root}/{self.device}/{self.camera}/clear"
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/{self.device}/status"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.root}/{self.device}/heartbeat"
+
+    def for_event(self, event: str) -> str:
+        return getattr(self, event)
+
+
+def model_identity(bundle: Bundle) -> dict:
+    return {
+        "algorithm": bundle.model.algorithm,
+        "backbone": bundle.model.backbone,
+        "bundle_hash": bundle_hash(bundle),
+        "precision": bundle.model.precision,
+    }
+
+
+def alert_payload(*, device: str, camera: str, frame_index: int, utc: datetime, score: float, raw_score: float,
+                  threshold: dict, regions: list[Region], model: dict, policy: dict,
+                  snapshot: str | None = None, event_id: str | None = None, source: str | None = None) -> dict:
+    return {
+        "event": "alert",
+        "schema": SCHEMA,
+        "event_id": event_id or str(uuid.uuid4()),
+        "device": device,
+        "camera": camera,
+        "timestamp": utc_iso(utc),
+        "frame_index": frame_index,
+        "score": round(float(score), 6),
+        "raw_score": round(float(raw_score), 6),
+        "threshold": threshold,
+        "regions": [region.to_dict() for region in regions],
+        "model": model,
+        "policy": policy,
+        "source": source,
+        "snapshot": snapshot,
+    }
+
+
+def clear_payload(*, device: str, camera: str, frame_index: int, utc: datetime, score: float,
+                  clears: str | None, normal_frames: int) -> dict:
+    return {
+        "event": "clear",
+        "schema": SCHEMA,
+        "event_id": str(uuid.uuid4()),
+        "device": device,
+        "camera": camera,
+        "timestamp": utc_iso(utc),
+        "frame_index": frame_index,
+        "score": round(float(score), 6),
+        "clears": clears,  # event_id of the alert this ends
+        "normal_frames": normal_frames,
+    }
+
+
+def status_payload(state: str, *, device: str, camera: str, reason: str = "", model: dict | None = None,
+                   timestamp: bool = True) -> dict:
+    payload = {"event": "status", "schema": SCHEMA, "state": state, "device": device, "camera": camera,
+               "version": __version__}
+    if timestamp:
+        payload["timestamp"] = utc_iso()
+    if reason:
+        payload["reason"] = reason
+    if model:
+        payload["model"] = model
+    return payload
+
+
+def heartbeat_payload(*, device: str, camera: str, stats: dict) -> dict:
+    return {"event": "heartbeat", "schema": SCHEMA, "device": device, "camera": camera, "timestamp": utc_iso(),
+            **stats}

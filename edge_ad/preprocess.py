@@ -1,0 +1,112 @@
+"""The one definition of what the model sees.
+
+Training, export, calibration and the runtime all call these functions, so a
+frame on the factory floor is turned into exactly the tensor the model was
+trained on. Mean/std normalization is *not* here: it lives inside the model
+graph, so the IR takes the tensor this module produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+class FrameError(ValueError):
+    """A frame that cannot be turned into a model input (wrong shape, dtype, empty)."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a frame becomes a model input; stored in every bundle."""
+
+    height: int = 256
+    width: int = 256
+    color: str = "RGB"  # channel order of the model input
+    layout: str = "NCHW"
+    scale: float = 1.0 / 255.0  # uint8 -> [0, 1]
+    resize: str = "area-down/linear-up"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    @classmethod
+    def square(cls, size: int) -> "PreprocessSpec":
+        return cls(height=int(size), width=int(size))
+
+
+def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    elif image.shape[0] >= height and image.shape[1] >= width:
+        interpolation = cv2.INTER_AREA  # anti-aliased shrink
+    else:
+        interpolation = cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def _as_bgr_uint8(frame: np.ndarray) -> np.ndarray:
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.size == 0:
+        raise FrameError("frame is empty")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        frame = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_GRAY2BGR) if frame.dtype == np.uint8 else np.repeat(frame[:, :, None], 3, axis=2)
+    elif frame.ndim == 3 and frame.shape[2] == 4:
+        frame = frame[:, :, :3]
+    elif not (frame.ndim == 3 and frame.shape[2] == 3):
+        raise FrameError(f"frame must be HxW, HxWx1, HxWx3 or HxWx4, got shape {frame.shape}")
+    if frame.shape[0] < 2 or frame.shape[1] < 2:
+        raise FrameError(f"frame is too small: {frame.shape[1]}x{frame.shape[0]}")
+    if frame.dtype == np.uint8:
+        return frame
+    if frame.dtype == np.uint16:
+        return (frame >> 8).astype(np.uint8)
+    if np.issubdtype(frame.dtype, np.floating):
+        if not np.all(np.isfinite(frame)):
+            raise FrameError("frame contains NaN or infinite values")
+        # Floating frames are taken as [0, 1] intensities.
+        return np.clip(frame * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    raise FrameError(f"unsupported frame dtype {frame.dtype}")
+
+
+def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Frame (uint8 BGR or grayscale, any size) -> float32 CHW model input in [0, 1]."""
+    bgr = _as_bgr_uint8(frame)
+    resized = _resize(bgr, spec.height, spec.width)
+    if spec.color == "RGB":
+        resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+    elif spec.color != "BGR":
+        raise FrameError(f"unknown color order {spec.color!r}")
+    chw = np.transpose(resized, (2, 0, 1)).astype(np.float32)
+    chw *= np.float32(spec.scale)
+    return np.ascontiguousarray(chw)
+
+
+def preprocess_batch(frames: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Frames -> float32 NCHW batch."""
+    return np.stack([preprocess(frame, spec) for frame in frames])
+
+
+def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Ground-truth mask (any size, nonzero = defect) -> uint8 {0,1} HxW at model size."""
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    binary = (mask > 0).astype(np.uint8)
+    return _resize(binary, spec.height, spec.width, nearest=True)
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Model-size anomaly map -> frame size, for overlays and region boxes in frame pixels."""
+    return _resize(anomaly_map.astype(np.float32), height, width)

@@ -1,0 +1,46 @@
+"""JSON lines: one event per line on stdout or appended to a file, flushed per line.
+
+The simplest integration (`edge-ad ... | jq`), and a local audit log beside MQTT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+from edge_ad.errors import UsageError
+from edge_ad.sinks import Sink
+
+
+class JsonlSink(Sink):
+    def __init__(self, target: str | None = "-", events: tuple[str, ...] = ("alert", "clear", "status", "heartbeat")):
+        self.events = set(events)
+        self._lock = threading.Lock()
+        if target in (None, "-"):
+            self._stream, self._owned = sys.stdout, False
+            self.target = "stdout"
+        else:
+            path = Path(target)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._stream, self._owned = open(path, "a", encoding="utf-8", buffering=1), True
+            except OSError as exc:
+                raise UsageError(f"cannot write JSON lines to {path}: {exc.strerror or exc}") from None
+            self.target = str(path)
+
+    def publish(self, event: str, payload: dict) -> None:
+        if event not in self.events:
+            return
+        line = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned:
+                self._stream.close()
+            else:
+                self._stream.flush()

@@ -1,0 +1,154 @@
+"""FP32/FP16 OpenVINO IR vs PyTorch parity for every algorithm x backbone, and the IR's interface.
+
+Real OpenVINO compiled models on CPU; random backbone weights (parity does not need
+ImageNet features) at 64 px to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from deploy.export import ExportError, export_ir, parity
+from deploy.ir_eval import IrRunner, compile_ir
+from edge_ad.preprocess import PreprocessSpec, preprocess
+from training.backbones import BACKBONES, build_backbone
+from training.data.synthetic import add_defect, make_texture, to_uint8
+from training.models.dfm import DfmModel
+from training.models.stfpm import StfpmModel
+
+SIZE = 64
+SPEC = PreprocessSpec.square(SIZE)
+FP32_TOLERANCE = 1e-4  # max |ov - torch| / max |torch|
+FP16_TOLERANCE = 1e-2
+CASES = [(algorithm, backbone) for backbone in BACKBONES for algorithm in ("stfpm", "dfm")]
+PARITY_LOG: dict[str, float] = {}
+
+
+def frames(seed: int = 1) -> list[np.ndarray]:
+    """A handful of clearly different uint8 BGR/gray frames, so image scores are well separated."""
+    rng = np.random.default_rng(seed)
+    texture = make_texture(rng, 96)
+    defective, _ = add_defect(make_texture(rng, 96), "blob", rng)
+    ramp = np.tile(np.linspace(0, 255, 80, dtype=np.uint8), (80, 1))
+    checker = ((np.indices((72, 72)).sum(axis=0) // 6) % 2 * 255).astype(np.uint8)
+    return [
+        to_uint8(texture),
+        to_uint8(defective),
+        rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),  # noise
+        ramp,  # gray
+        checker,
+        np.full((50, 70, 3), (30, 160, 220), dtype=np.uint8),  # flat color
+    ]
+
+
+def batch(frame_list: list[np.ndarray]) -> np.ndarray:
+    return np.stack([preprocess(frame, SPEC) for frame in frame_list])
+
+
+def build(algorithm: str, backbone: str, score_type: str = "fre") -> torch.nn.Module:
+    torch.manual_seed(0)
+    if algorithm == "stfpm":
+        return StfpmModel(build_backbone(backbone, pretrained=False), build_backbone(backbone, pretrained=False)).eval()
+    model = DfmModel(build_backbone(backbone, pretrained=False), tap=2, score_type=score_type).eval()
+    rng = np.random.default_rng(0)
+    normal = np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)])
+    with torch.no_grad():
+        features = model.tap_features(torch.from_numpy(normal))
+    model.fit(features.reshape(len(normal), -1).numpy())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(algorithm, backbone) -> (torch model, compiled IR runner, xml path); each exported once."""
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(algorithm: str, backbone: str):
+        if (algorithm, backbone) not in cache:
+            model = build(algorithm, backbone)
+            xml = export_ir(model, SPEC, tmp_path_factory.mktemp(f"{algorithm}-{backbone}") / "model.xml")
+            cache[(algorithm, backbone)] = (model, IrRunner.open(xml), xml)
+        return cache[(algorithm, backbone)]
+
+    return get
+
+
+@pytest.mark.parametrize("algorithm,backbone", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_fp32_ir_matches_pytorch(exported, algorithm, backbone):
+    model, runner, _ = exported(algorithm, backbone)
+    images = batch(frames())
+    result = parity(model, runner, images)
+    PARITY_LOG[f"{algorithm}-{backbone}"] = result.max_rel_map_error
+    print(f"{algorithm}-{backbone}: max rel map err {result.max_rel_map_error:.2e}, score err {result.max_rel_score_error:.2e}")
+    assert result.max_rel_map_error <= FP32_TOLERANCE
+    assert result.max_rel_score_error <= FP32_TOLERANCE
+    with torch.no_grad():
+        torch_scores = model(torch.from_numpy(images))[1].numpy()
+    gaps = np.diff(np.sort(torch_scores)) / np.abs(torch_scores).max()
+    assert gaps.min() > 10 * FP32_TOLERANCE, "test images must have well separated scores for the ranking check"
+    assert result.same_ranking
+
+    # Frames of other sizes and layouts go through the runtime's preprocessing to the same IR.
+    odd = [np.random.default_rng(2).integers(0, 256, (200, 300), dtype=np.uint8),  # 300x200 gray
+           np.random.default_rng(3).integers(0, 256, (131, 97, 3), dtype=np.uint8)]  # 97x131 BGR
+    result = parity(model, runner, batch(odd))
+    assert result.max_rel_map_error <= FP32_TOLERANCE
+    assert result.max_rel_score_error <= FP32_TOLERANCE
+
+
+def test_dfm_nll_score_matches_pytorch(tmp_path):
+    model = build("dfm", "mobilenet_v2", score_type="nll")
+    runner = IrRunner.open(export_ir(model, SPEC, tmp_path / "model.xml"))
+    result = parity(model, runner, batch(frames()))
+    assert result.max_rel_map_error <= FP32_TOLERANCE
+    assert result.max_rel_score_error <= FP32_TOLERANCE
+    assert result.same_ranking
+
+
+def test_ir_interface_names_shapes_and_types(exported):
+    _, _, xml = exported("stfpm", "mobilenet_v2")
+    model = ov.Core().read_model(xml)
+    assert model.input().get_any_name() == "image"
+    assert list(model.input().get_shape()) == [1, 3, SIZE, SIZE]
+    assert model.input().get_element_type() == ov.Type.f32
+    assert model.output("anomaly_map").get_shape() == ov.Shape([1, 1, SIZE, SIZE])
+    assert model.output("score").get_shape() == ov.Shape([1])
+    assert all(output.get_element_type() == ov.Type.f32 for output in model.outputs)
+    assert xml.with_suffix(".bin").is_file()
+
+
+def test_dynamic_batch_gives_the_same_results_as_one_by_one(exported, tmp_path):
+    model, static_runner, _ = exported("dfm", "mobilenet_v2")
+    xml = export_ir(model, SPEC, tmp_path / "model.xml", dynamic_batch=True)
+    assert ov.Core().read_model(xml).input().get_partial_shape()[0].is_dynamic
+    runner = IrRunner.open(xml)
+    images = batch(frames())
+    maps, scores = runner.infer(images)  # one request, whole batch
+    one_maps, one_scores = static_runner.infer(images)  # static 1x3xHxW, image by image
+    assert maps.shape == (len(images), SIZE, SIZE)
+    np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, one_maps, rtol=1e-5, atol=1e-6 * np.abs(one_maps).max())
+
+
+@pytest.mark.parametrize("algorithm", ["stfpm", "dfm"])
+def test_fp16_export_is_smaller_and_close(exported, tmp_path, algorithm):
+    model, _, fp32_xml = exported(algorithm, "mobilenet_v2")
+    xml = export_ir(model, SPEC, tmp_path / "model.xml", precision="fp16")
+    assert xml.with_suffix(".bin").stat().st_size < 0.6 * fp32_xml.with_suffix(".bin").stat().st_size
+    compiled = compile_ir(xml)
+    assert compiled.input(0).get_element_type() == ov.Type.f32  # I/O stays float32
+    result = parity(model, IrRunner(compiled), batch(frames()))
+    print(f"fp16 {algorithm}: max rel map err {result.max_rel_map_error:.2e}, score err {result.max_rel_score_error:.2e}")
+    assert result.max_rel_map_error <= FP16_TOLERANCE
+    assert result.max_rel_score_error <= FP16_TOLERANCE
+    assert result.same_ranking
+
+
+def test_unknown_precision_is_refused(exported, tmp_path):
+    model, _, _ = exported("stfpm", "mobilenet_v2")
+    with pytest.raises(ExportError, match="precision"):
+        export_ir(model, SPEC, tmp_path / "model.xml", precision="int8")
+    assert not (tmp_path / "model.xml").exists()

@@ -1,0 +1,132 @@
+"""STFPM and DFM graphs: shapes, loss definition, and that training actually learns."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.backbones import build_backbone
+from training.models.dfm import DfmModel
+from training.models.stfpm import StfpmModel, stfpm_loss
+from training.models.stfpm.anomaly_map import anomaly_map
+
+
+def tiny_stfpm(seed=0):
+    torch.manual_seed(seed)
+    teacher = build_backbone("mobilenet_v2", pretrained=False)
+    student = build_backbone("mobilenet_v2", pretrained=False, bn_momentum=0.1)
+    return StfpmModel(teacher, student)
+
+
+def test_stfpm_forward_shapes_and_score_is_map_max():
+    model = tiny_stfpm().eval()
+    images = torch.rand(2, 3, 64, 96)
+    amap, score = model(images)
+    assert amap.shape == (2, 1, 64, 96)
+    assert score.shape == (2,)
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
+    assert torch.all(amap >= 0)
+
+
+def test_stfpm_loss_matches_the_paper_definition():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)]
+    student = [torch.randn_like(t) for t in teacher]
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        t_n = t / t.norm(dim=1, keepdim=True)
+        s_n = s / s.norm(dim=1, keepdim=True)
+        h, w = t.shape[-2:]
+        per_image = 0.5 / (h * w) * ((t_n - s_n) ** 2).sum(dim=(1, 2, 3))
+        expected = expected + per_image.mean()
+    torch.testing.assert_close(stfpm_loss(teacher, student), expected)
+    assert float(stfpm_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_anomaly_map_is_product_of_upsampled_tap_maps():
+    teacher = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    student = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    result = anomaly_map(teacher, student, size=(16, 16))
+    maps = []
+    for t, s in zip(teacher, student):
+        distance = 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
+        maps.append(F.interpolate(distance, size=(16, 16), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(result, maps[0] * maps[1])
+
+
+def test_teacher_stays_frozen_in_train_mode():
+    model = tiny_stfpm()
+    model.train()
+    assert not model.teacher.training
+    assert model.student.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_training_reduces_the_loss_and_the_teacher_does_not_move():
+    model = tiny_stfpm()
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    images = torch.rand(8, 3, 64, 64)
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = stfpm_loss(*model.features(images))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    for key, value in model.teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_before[key])
+
+
+def fitted_dfm(score_type="fre", n_images=12):
+    torch.manual_seed(0)
+    model = DfmModel(build_backbone("mobilenet_v2", pretrained=False), tap=2, score_type=score_type)
+    normal = torch.rand(n_images, 3, 64, 64) * 0.1 + 0.45
+    with torch.no_grad():
+        features = model.tap_features(normal).reshape(n_images, -1).numpy()
+    model.fit(features, variance_ratio=0.97)
+    return model.eval(), normal
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_dfm_shapes_and_outlier_scores_higher(score_type):
+    model, normal = fitted_dfm(score_type)
+    assert 1 <= model.n_components < 12
+    amap, score = model(normal[:2])
+    assert amap.shape == (2, 1, 64, 64) and score.shape == (2,)
+    outlier = normal[:2].clone()
+    outlier[:, :, 16:40, 16:40] = torch.rand(2, 3, 24, 24)
+    outlier_map, outlier_score = model(outlier)
+    assert torch.all(outlier_score > score.max())
+    # the map peaks inside the pasted patch
+    peak = np.unravel_index(int(outlier_map[0, 0].argmax()), (64, 64))
+    assert 8 <= peak[0] <= 48 and 8 <= peak[1] <= 48
+
+
+def test_dfm_fre_equals_reconstruction_error_from_sklearn_pca():
+    from sklearn.decomposition import PCA
+
+    model, normal = fitted_dfm("fre")
+    unseen = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        train_features = model.tap_features(normal).reshape(len(normal), -1).numpy().astype(np.float64)
+        features = model.tap_features(unseen).reshape(len(unseen), -1).numpy().astype(np.float64)
+        _, score = model(unseen)
+    pca = PCA(n_components=0.97, svd_solver="full").fit(train_features)
+    reconstructed = pca.inverse_transform(pca.transform(features))
+    expected = ((features - reconstructed) ** 2).sum(axis=1)
+    assert expected.min() > 0
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-3)
+
+
+def test_dfm_backbone_is_frozen():
+    model, _ = fitted_dfm()
+    model.train()
+    assert not model.extractor.training
+
+
+def test_dfm_rejects_unknown_score_type():
+    with pytest.raises(ValueError, match="score_type"):
+        DfmModel(build_backbone("mobilenet_v2", pretrained=False), score_type="bogus")

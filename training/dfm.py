@@ -1,0 +1,70 @@
+"""Fit DFM: python -m training.dfm --category screw"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.backbones import build_backbone
+from training.config import DfmConfig, parse_config
+from training.models.dfm import DfmModel
+from training.pipeline import evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything
+
+log = logging.getLogger("training")
+
+
+def build_model(config: DfmConfig | dict, pretrained: bool = True) -> DfmModel:
+    """An unfitted model when pretrained; a fitted run's shapes come from its config."""
+    config = config if isinstance(config, dict) else config.to_dict()
+    extractor = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
+    return DfmModel(
+        extractor,
+        tap=config["tap"],
+        pool=config["pool"],
+        score_type=config["score_type"],
+        feature_dim=config.get("feature_dim", 0),
+        n_components=config.get("n_components", 0),
+    )
+
+
+@torch.no_grad()
+def collect_features(model: DfmModel, batches, device: torch.device) -> np.ndarray:
+    chunks = []
+    for batch in tqdm(batches, desc="features", unit="batch", leave=False):
+        features = model.tap_features(batch["image"].to(device))
+        chunks.append(features.reshape(len(features), -1).cpu().numpy())
+    return np.concatenate(chunks)
+
+
+def train(config: DfmConfig) -> Path:
+    if config.tap not in (0, 1, 2):
+        raise ValueError(f"--tap must be 0, 1 or 2, got {config.tap}")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    data = prepare_data(config)
+    model = build_model(config).to(device).eval()
+    started = time.perf_counter()
+    features = collect_features(model, loader(data.train, data, config), device)
+    model.fit(features, variance_ratio=config.variance_ratio)
+    model.to(device)
+    train_time = time.perf_counter() - started
+    log.info("PCA on %d images x %d features kept %d components", *features.shape, model.n_components)
+    return evaluate_and_save(
+        model, config, data, device, train_time,
+        extra_config={"feature_dim": int(features.shape[1]), "n_components": model.n_components},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(DfmConfig, "Fit DFM on an MVTec-AD-layout category.", argv)
+    return run_cli(train, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One folder per algorithm; each exports one nn.Module mapping images to (anomaly map, score)."""

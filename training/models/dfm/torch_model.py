@@ -1,0 +1,93 @@
+"""The DFM graph: backbone tap -> PCA subspace -> reconstruction error / Gaussian NLL."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models.dfm.anomaly_map import reconstruction_map
+
+SCORE_TYPES = ("fre", "nll")
+
+
+class DfmModel(nn.Module):
+    """Frozen pretrained features of one tap, each image flattened into one vector.
+
+    The PCA (mean, components, explained variances) is fitted once on normal
+    images and kept as buffers, so the fitted model is a plain exportable graph.
+    score "fre": total squared reconstruction error; "nll": negative log-likelihood
+    of the projection under the (diagonal, by construction) Gaussian of the training
+    projections. The map is the per-location reconstruction error in both cases.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        tap: int = 2,
+        pool: int = 1,
+        score_type: str = "fre",
+        feature_dim: int = 0,
+        n_components: int = 0,
+    ):
+        super().__init__()
+        if score_type not in SCORE_TYPES:
+            raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {score_type!r}")
+        self.extractor = extractor.eval()
+        for parameter in self.extractor.parameters():
+            parameter.requires_grad_(False)
+        self.tap = tap
+        self.pool = pool
+        self.score_type = score_type
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("components", torch.zeros(n_components, feature_dim))
+        self.register_buffer("variances", torch.ones(n_components))
+
+    def train(self, mode: bool = True) -> "DfmModel":
+        super().train(mode)
+        self.extractor.eval()  # never update the backbone's BatchNorm statistics
+        return self
+
+    @property
+    def n_components(self) -> int:
+        return int(self.components.shape[0])
+
+    def tap_features(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(images)[self.tap]
+        if self.pool > 1:
+            features = F.avg_pool2d(features, kernel_size=self.pool)
+        return features
+
+    @torch.no_grad()
+    def fit(self, features: np.ndarray, variance_ratio: float = 0.97) -> None:
+        """Fit the PCA on flattened normal-image features (N, D) with scikit-learn."""
+        from sklearn.decomposition import PCA
+
+        if features.shape[0] < 2:
+            raise ValueError("DFM needs at least 2 training images to fit a PCA")
+        pca = PCA(n_components=variance_ratio, svd_solver="full")
+        pca.fit(features.astype(np.float64))
+        self.mean = torch.as_tensor(pca.mean_, dtype=torch.float32)
+        self.components = torch.as_tensor(pca.components_, dtype=torch.float32)
+        # Floor tiny variances so the NLL stays finite.
+        floor = max(float(pca.explained_variance_.max()) * 1e-6, 1e-12)
+        self.variances = torch.as_tensor(np.maximum(pca.explained_variance_, floor), dtype=torch.float32)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.tap_features(images)
+        batch = features.shape[0]
+        centered = features.reshape(batch, -1) - self.mean
+        projection = centered @ self.components.T
+        residual = centered - projection @ self.components
+        squared_error = residual.pow(2)
+        amap = reconstruction_map(squared_error.reshape(features.shape), size=images.shape[-2:])
+        if self.score_type == "fre":
+            score = squared_error.sum(dim=1)
+        else:
+            log_det = torch.log(self.variances).sum()
+            score = 0.5 * (projection.pow(2) / self.variances).sum(dim=1) + 0.5 * log_det
+            score = score + 0.5 * self.n_components * math.log(2 * math.pi)
+        return amap, score

@@ -1,0 +1,40 @@
+"""The STFPM graph that is trained, exported and used as the parity reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models.stfpm.anomaly_map import anomaly_map
+
+
+class StfpmModel(nn.Module):
+    """Frozen pretrained teacher + student of the same architecture trained from scratch.
+
+    forward(images in [0,1], NCHW) -> (anomaly_map (N,1,H,W), score (N,)), raw values.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> "StfpmModel":
+        # The teacher's BatchNorm statistics must never move.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.no_grad():
+            teacher_features = self.teacher(images)
+        return teacher_features, self.student(images)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher_features, student_features = self.features(images)
+        amap = anomaly_map(teacher_features, student_features, size=images.shape[-2:])
+        score = torch.amax(amap, dim=(1, 2, 3))
+        return amap, score

@@ -1,0 +1,150 @@
+"""What every training run shares: data and split, device, evaluation, the run folder."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_ad.preprocess import PreprocessSpec
+from training import run_dir as runs
+from training.config import TrainConfig
+from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
+from training.metrics import compute_metrics
+from training.predict import Predictions, predict
+from training.thresholds import thresholds_from_normal
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class RunData:
+    spec: PreprocessSpec
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+    has_masks: bool
+    fingerprint: str
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(config: TrainConfig) -> RunData:
+    category = load_category(config.data_root, config.category)
+    train, validation = split_validation(category.train, fraction=config.validation_fraction, seed=config.seed)
+    log.info(
+        "%s/%s: %d train, %d validation (held-out normal), %d test images (%d anomalous)%s",
+        config.data_root, config.category, len(train), len(validation), len(category.test),
+        sum(s.label for s in category.test), "" if category.has_masks else "; no masks: image-level metrics only",
+    )
+    return RunData(
+        spec=PreprocessSpec.square(config.image_size),
+        train=train,
+        validation=validation,
+        test=category.test,
+        has_masks=category.has_masks,
+        fingerprint=data_fingerprint(category.train + category.test),
+    )
+
+
+def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: bool = False):
+    return make_loader(samples, data.spec, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed)
+
+
+def evaluate_and_save(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    data: RunData,
+    device: torch.device,
+    train_time_s: float,
+    extra_config: dict | None = None,
+    extra_metrics: dict | None = None,
+) -> Path:
+    """Thresholds from validation, metrics on test, then write the run folder."""
+    validation = predict(model, loader(data.validation, data, config), device, desc="validation")
+    thresholds = thresholds_from_normal(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr)
+    test = predict(model, loader(data.test, data, config), device, desc="test")
+    metrics = test_metrics(test, thresholds.image, data.has_masks)
+
+    run_dir = runs.new_run_dir(config.out, config.algorithm, config.backbone, config.category)
+    saved_config = config.to_dict() | (extra_config or {})
+    metrics_json = {
+        **metrics,
+        "thresholds": thresholds.__dict__,
+        "train_time_s": round(train_time_s, 1),
+        "data_fingerprint": data.fingerprint,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        **(extra_metrics or {}),
+    }
+    split = {
+        "train": [str(s.path) for s in data.train],
+        "validation": [str(s.path) for s in data.validation],
+    }
+    runs.save_run(run_dir, model.cpu(), saved_config, split, metrics_json)
+    report(config, metrics_json, run_dir)
+    return run_dir
+
+
+def test_metrics(test: Predictions, image_threshold: float, has_masks: bool) -> dict:
+    use_pixels = has_masks and test.all_masked
+    metrics = compute_metrics(
+        test.labels, test.scores, image_threshold,
+        masks=test.masks if use_pixels else None,
+        maps=test.maps if use_pixels else None,
+    )
+    return metrics.to_dict()
+
+
+def report(config: TrainConfig, metrics: dict, run_dir: Path) -> None:
+    pixel = metrics["pixel_auroc"]
+    print(
+        f"{config.algorithm} {config.backbone} {config.category}: "
+        f"image AUROC {metrics['image_auroc']:.3f}, "
+        f"pixel AUROC {'n/a' if pixel is None else f'{pixel:.3f}'}, "
+        f"image F1 {metrics['image_f1']:.3f} (at validation threshold {metrics['image_f1_validation_threshold']:.3f}), "
+        f"train time {metrics['train_time_s']:.0f}s\nrun folder: {run_dir}"
+    )
+
+
+def run_cli(train_fn, config: TrainConfig) -> int:
+    """Clear one-line errors for bad input instead of tracebacks."""
+    from training.backbones import BackboneWeightsError
+    from training.data import DatasetError
+    from edge_ad.images import ImageReadError
+
+    setup_logging()
+    try:
+        started = time.perf_counter()
+        train_fn(config)
+        log.info("done in %.0fs", time.perf_counter() - started)
+        return 0
+    except (DatasetError, ImageReadError, BackboneWeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
