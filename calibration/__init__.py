@@ -1,1 +1,2 @@
-"""Post-export calibration: NNCF INT8 quantization on held-out normal images, and threshold recalibration on site images."""
+"""Calibration of a deployed bundle: NNCF INT8 quantization on held-out normal images (quantize),
+and decision-threshold recalibration (threshold)."""

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
+
 from deploy.ir_eval import IrError, IrRunner, infer_images
 from edge_ad.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
 from edge_ad.images import list_images
@@ -90,7 +92,7 @@ def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
 
     result = infer_images(runner, paths, bundle.preprocess, progress=progress)
     for path, reason in result.skipped[:5]:
-        log.warning("skipped %s", reason)
+        log.warning("skipped: %s", reason)
     if result.skipped:
         log.warning("skipped %d of %d files as unreadable", len(result.skipped), len(paths))
     n = len(result.paths)
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Unreadable files are counted and reported below; OpenCV's own decoder chatter is noise.
+    cv2_logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if cv2_logging is not None:
+        cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     config = RecalibrationConfig(**vars(args))
     try:

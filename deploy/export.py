@@ -67,6 +67,9 @@ def convert(model: nn.Module, spec: PreprocessSpec, dynamic_batch: bool = False)
     example = torch.rand(1, 3, spec.height, spec.width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": still what OpenVINO reads
+        # e.g. DFM's n_components read as a Python int: a constant of the fitted model, and the
+        # parity check after export would catch any trace that does not generalize to real images.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
         ov_model = ov.convert_model(traced, example_input=example, input=[(batch, 3, spec.height, spec.width)])
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 2:
@@ -197,20 +200,31 @@ def build_bundle_metadata(
     )
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Fail before the slow part: a bundle folder is never overwritten by accident."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path exists and is not a folder: {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise ExportError(f"output folder is not empty: {out_dir} (use --force to overwrite its bundle files)")
-        for name in (BUNDLE_FILE, MODEL_XML, MODEL_BIN):  # only our files: never wipe a whole folder
-            (out_dir / name).unlink(missing_ok=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"output folder is not empty: {out_dir} (use --force to overwrite its bundle files)")
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    check_out_dir(out_dir, force)
+    for name in (BUNDLE_FILE, MODEL_XML, MODEL_BIN):  # only our files: never wipe a whole folder
+        (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _resolve_data_root(config: dict, data_root: str | Path | None) -> Path | None:
-    root = Path(data_root if data_root is not None else config.get("data_root", "")).expanduser()
-    return root if str(root) and (root / str(config.get("category", ""))).is_dir() else None
+    """The data root to measure on: an explicit one must exist; the run's own may be gone (other PC)."""
+    category = str(config.get("category", ""))
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not (root / category).is_dir():
+            raise ExportError(f"--data-root {root} has no category folder {category!r}")
+        return root
+    root = Path(str(config.get("data_root", ""))).expanduser()
+    return root if str(root) and (root / category).is_dir() else None
 
 
 def export_run(
@@ -232,9 +246,11 @@ def export_run(
 
     check_precision(precision)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(out_dir, force)
     model, config = load_model(run_dir)
     run_metrics = read_json(run_dir, METRICS_FILE)
     spec = PreprocessSpec.square(int(config["image_size"]))
+    root = _resolve_data_root(config, data_root)
     prepare_out_dir(out_dir, force)
 
     started = time.perf_counter()
@@ -243,12 +259,11 @@ def export_run(
     log.info("wrote %s and %s (%.1f MB) in %.1f s", xml.name, MODEL_BIN, (out_dir / MODEL_BIN).stat().st_size / 1e6, time.perf_counter() - started)
     runner = IrRunner.open(xml)
 
-    root = _resolve_data_root(config, data_root)
     category = None
     if root is not None:
         category = load_category(root, config["category"])
     else:
-        log.warning("data root %s/%s not found: parity checked on random images, IR metrics not measured (pass --data-root)", data_root or config.get("data_root"), config.get("category"))
+        log.warning("data root %s/%s not found: parity checked on random images, IR metrics not measured (pass --data-root)", config.get("data_root"), config.get("category"))
 
     if category is not None:
         from training.data import AnomalyDataset

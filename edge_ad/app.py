@@ -3,8 +3,9 @@
 Start-up order is chosen so operators learn about problems early and from
 the right place: bad options and bundles fail before anything connects; the
 broker comes before the camera, so a camera that needs retries shows up as
-`degraded` on the status topic. SIGINT/SIGTERM stop capture, drain requests,
-flush alerts and publish `offline`; a second Ctrl-C aborts.
+`degraded` on the status topic. The status is `degraded` while the camera or
+the broker is away (heartbeats say so too). SIGINT/SIGTERM stop capture, drain
+requests, flush alerts and publish `offline`; a second Ctrl-C aborts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edge_ad.errors import ConfigError
 from edge_ad.events import Topics, model_identity, status_payload
 from edge_ad.inference import Detector
 from edge_ad.mqtt import MqttSettings
+from edge_ad.outbox import Outbox, default_path
 from edge_ad.pipeline import Pipeline
 from edge_ad.policy import AlertPolicy
 from edge_ad.regions import RoiMask
@@ -40,7 +42,8 @@ def mqtt_settings(config: RunConfig, client_id: str) -> MqttSettings:
         host=config.mqtt_host, port=config.port, client_id=config.mqtt_client_id or client_id,
         username=config.mqtt_username, password_file=config.mqtt_password_file, tls=config.tls_enabled,
         ca=config.mqtt_ca, cert=config.mqtt_cert, key=config.mqtt_key, keepalive=config.mqtt_keepalive,
-        retries=config.mqtt_retries, retry_delay=config.mqtt_retry_delay,
+        retries=config.mqtt_retries, retry_delay=config.mqtt_retry_delay, retry_max_delay=config.mqtt_retry_max_delay,
+        version=config.mqtt_version,
     )
 
 
@@ -93,7 +96,7 @@ def run(config: RunConfig) -> int:
     status = _StatusReporter(sinks, model_identity(bundle))
     source = open_source(config.camera, config.video, config.images, realtime=config.realtime,
                          backoff=Backoff(config.source_retries, config.retry_delay, config.retry_max_delay),
-                         stop=stop, on_state=status)
+                         stop=stop, on_state=status.camera)
     topics = Topics(config.topic_root, config.device_id or safe_id(socket.gethostname()) or "edge",
                     config.camera_id or source.default_id)
     status.topics = topics
@@ -109,14 +112,22 @@ def run(config: RunConfig) -> int:
                 sinks.sinks.append(JsonlSink(config.jsonl or "-"))
             if config.mqtt_host:
                 settings = mqtt_settings(config, f"edge-ad-{topics.device}-{topics.camera}")
-                sinks.sinks.append(MqttSink(settings, topics, model=status.model, stop=stop))
+                outbox = Outbox(config.outbox or default_path(topics.device, topics.camera), config.outbox_max)
+                try:
+                    mqtt_sink = MqttSink(settings, topics, outbox, model=status.model, stop=stop,
+                                         on_health=lambda problem: status.set("broker", problem))
+                except BaseException:
+                    outbox.close()
+                    raise
+                sinks.sinks.insert(0, mqtt_sink)  # first: a line in the JSONL mirror means "safe in the outbox"
+                status.extra = mqtt_sink.health
             status("online")
             source.open()
             with StatusLine(sys.stderr, config.status_interval) as line:
                 pipeline = Pipeline(detector=detector, source=source, scorer=scorer, policy=policy, sinks=sinks,
                                     topics=topics, model=status.model, stop=stop, stats=stats,
                                     snapshots=snapshots, max_frames=config.max_frames, heartbeat=config.heartbeat,
-                                    status_line=line)
+                                    status_line=line, health=status.health)
                 pipeline.run()
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
@@ -131,16 +142,55 @@ def run(config: RunConfig) -> int:
 
 
 class _StatusReporter:
-    """Publishes device status (online / degraded / offline) when it changes."""
+    """Publishes device status when it changes: online; degraded while the camera or the broker has a problem
+    (the reasons joined); offline at the end. Called from the capture, MQTT and delivery threads."""
 
     def __init__(self, sinks: Sink, model: dict):
         self.sinks, self.model = sinks, model
         self.topics: Topics | None = None
+        self.extra = None  # () -> dict of heartbeat fields (outbox)
+        self.problems: dict[str, str] = {}
+        self._final: tuple[str, str] | None = None
         self._last: tuple[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> tuple[str, str]:
+        if self._final is not None:
+            return self._final
+        if self.problems:
+            return "degraded", "; ".join(self.problems[k] for k in sorted(self.problems))
+        return "online", ""
+
+    def set(self, component: str, problem: str | None) -> None:
+        with self._lock:
+            if problem:
+                self.problems[component] = problem
+            else:
+                self.problems.pop(component, None)
+            self._publish()
+
+    def camera(self, state: str, reason: str = "") -> None:
+        """The sources' on_state callback."""
+        self.set("camera", (reason or "camera unavailable") if state == "degraded" else None)
 
     def __call__(self, state: str, reason: str = "") -> None:
+        """`online` at start-up (with whatever problems are known), `offline` at the end."""
+        with self._lock:
+            self._final = (state, reason) if state == "offline" else None
+            self._publish()
+
+    def _publish(self) -> None:
+        state, reason = self.current()
         if self.topics is None or (state, reason) == self._last:
             return
         self._last = (state, reason)
         self.sinks.publish("status", status_payload(state, device=self.topics.device, camera=self.topics.camera,
                                                     reason=reason, model=self.model))
+
+    def health(self) -> dict:
+        """Heartbeat fields: state (and why), outbox figures."""
+        state, reason = self.current()
+        fields = {"state": state, "reason": reason} if reason else {"state": state}
+        if self.extra is not None:
+            fields.update(self.extra())
+        return fields

@@ -3,7 +3,10 @@
 `bundle.json` describes the IR next to it: how to preprocess, the raw thresholds
 and normalization statistics (data, never baked into the graph), the metrics
 measured for each precision, and a sha256 of every file. Loading verifies the
-checksums and the schema version before anything is handed to OpenVINO.
+checksums and the schema version before anything is handed to OpenVINO, and
+refuses file names that would leave the bundle folder ("../../etc/passwd", an
+absolute path, a symlink pointing outside). A bundle is data only: JSON and an
+OpenVINO IR; nothing in it is imported or executed.
 Only json/hashlib here: the runtime reads bundles without torch.
 """
 
@@ -149,7 +152,7 @@ def read_bundle(folder: str | Path, verify: bool = True) -> Bundle:
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise BundleError(
             f"bundle schema version {version!r} is not supported by this runtime "
             f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edge-ad"
@@ -160,14 +163,32 @@ def read_bundle(folder: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
+def safe_member(folder: Path, name) -> Path:
+    """`folder / name` if that stays inside the bundle folder (after resolving symlinks); BundleError otherwise."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise BundleError(f"bundle file name must be a non-empty string, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise BundleError(f"bundle file name escapes the bundle folder: {name}")
+    path = folder / relative
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # symlink loops
+        inside = False
+    if not inside:
+        raise BundleError(f"bundle file {name} points outside the bundle folder; refusing to load")
+    return path
+
+
 def verify_files(folder: Path, bundle: Bundle) -> None:
+    if not isinstance(bundle.files, dict) or not all(isinstance(v, str) for v in bundle.files.values()):
+        raise BundleError("bundle.json 'files' must map file names to sha256 checksums")
     for name in (bundle.model.xml, bundle.model.bin):
+        safe_member(folder, name)
         if name not in bundle.files:
             raise BundleError(f"bundle.json lists no checksum for {name}")
     for name, expected in bundle.files.items():
-        file = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"bundle file name escapes the bundle folder: {name}")
+        file = safe_member(folder, name)
         if not file.is_file():
             raise BundleError(f"bundle file missing: {file}")
         actual = sha256_file(file)

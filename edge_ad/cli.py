@@ -16,7 +16,7 @@ import sys
 
 from edge_ad import __version__
 from edge_ad.bundle import BundleError
-from edge_ad.config import MODES, PASSWORD_ENV, build_config, default, load_config_file
+from edge_ad.config import MODES, MQTT_VERSIONS, PASSWORD_ENV, build_config, default, load_config_file
 from edge_ad.errors import EXIT_RUNTIME, EXIT_USAGE, EdgeAdError, UsageError
 from edge_ad.statusline import setup_logging
 
@@ -59,7 +59,11 @@ def _add_mqtt_connection(group, suppress: bool = True) -> None:
     group.add_argument("--mqtt-retries", type=int, metavar="N",
                        help="connection retries at start-up before giving up" + _d("mqtt_retries"))
     group.add_argument("--mqtt-retry-delay", type=float, metavar="S",
-                       help="first retry delay, doubling each time" + _d("mqtt_retry_delay"))
+                       help="first (re)connection delay, doubling each time, with jitter" + _d("mqtt_retry_delay"))
+    group.add_argument("--mqtt-retry-max-delay", type=float, metavar="S",
+                       help="longest (re)connection delay" + _d("mqtt_retry_max_delay"))
+    group.add_argument("--mqtt-version", choices=MQTT_VERSIONS,
+                       help="MQTT protocol; with 5 the broker reports refused publishes (ACL)" + _d("mqtt_version"))
 
 
 def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
@@ -127,6 +131,11 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
                      help="append events as JSON lines to PATH ('-' = stdout; the default without --mqtt-host)")
     out.add_argument("--snapshots", metavar="DIR", help="write a heatmap-overlay JPEG per alert into DIR")
     out.add_argument("--snapshot-quality", type=int, metavar="Q", help="JPEG quality 1-100" + _d("snapshot_quality"))
+    out.add_argument("--outbox", metavar="PATH",
+                     help="SQLite file where alerts wait for the broker's acknowledgement (default: "
+                          "$STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite)")
+    out.add_argument("--outbox-max", type=int, metavar="N",
+                     help="most alerts kept while the broker is away; then the oldest are dropped" + _d("outbox_max"))
 
     _add_mqtt_connection(parser.add_argument_group("MQTT broker"))
 
@@ -173,7 +182,8 @@ def listen_parser() -> argparse.ArgumentParser:
     _add_mqtt_connection(group)
     group.set_defaults(mqtt_host=None, mqtt_port=None, mqtt_client_id=None, mqtt_username=None,
                        mqtt_password_file=None, mqtt_tls=None, mqtt_ca=None, mqtt_cert=None, mqtt_key=None,
-                       mqtt_keepalive=None, mqtt_retries=None, mqtt_retry_delay=None)
+                       mqtt_keepalive=None, mqtt_retries=None, mqtt_retry_delay=None, mqtt_retry_max_delay=None,
+                       mqtt_version=None)
     return parser
 
 
@@ -245,6 +255,7 @@ def cmd_listen(argv: list[str]) -> int:
         username=merged.mqtt_username, password_file=merged.mqtt_password_file, tls=merged.tls_enabled,
         ca=merged.mqtt_ca, cert=merged.mqtt_cert, key=merged.mqtt_key, keepalive=merged.mqtt_keepalive,
         retries=merged.mqtt_retries, retry_delay=merged.mqtt_retry_delay,
+        retry_max_delay=merged.mqtt_retry_max_delay, version=merged.mqtt_version,
     )
     try:
         listen(settings, root=merged.topic_root, device=args.device, camera=args.camera, events=events,

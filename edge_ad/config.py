@@ -4,12 +4,15 @@ A config file may hold every option (flat keys, or one level of sections such as
 `[mqtt] host = ...` meaning `mqtt_host`). Unknown keys are an error, not a silent
 typo. Relative paths in a config file are taken relative to that file. The MQTT
 password is never an option: it comes from $EDGE_AD_MQTT_PASSWORD or a file.
+Any value that would only fail later (NaN, a delay of 1e300 s, a 100 kB topic)
+is refused here, as one ConfigError line.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -22,6 +25,8 @@ from edge_ad.policy import Cooldown
 PASSWORD_ENV = "EDGE_AD_MQTT_PASSWORD"
 MODES = ("latency", "throughput")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MQTT_VERSIONS = ("3.1.1", "5")
+MAX_ID = 128  # device, camera, topic root: MQTT topics stay short and readable
 
 
 @dataclass
@@ -72,6 +77,11 @@ class RunConfig:
     mqtt_keepalive: int = 60
     mqtt_retries: int = 5
     mqtt_retry_delay: float = 1.0
+    mqtt_retry_max_delay: float = 30.0
+    mqtt_version: str = "3.1.1"  # "5": PUBACK reason codes show publishes refused by the broker (ACL)
+    # outbox: alerts wait here (SQLite) until the broker acknowledges them
+    outbox: str | None = None  # default: $STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite
+    outbox_max: int = 10000  # rows; when full the oldest are dropped (logged, counted in heartbeats)
     # operator
     status_interval: float = 10.0
     log_level: str = "info"
@@ -95,7 +105,13 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
-PATH_FIELDS = ("model", "video", "images", "roi_mask", "snapshots", "jsonl", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key")
+PATH_FIELDS = ("model", "video", "images", "roi_mask", "snapshots", "jsonl", "mqtt_password_file", "mqtt_ca",
+               "mqtt_cert", "mqtt_key", "outbox")
+# Upper bounds: beyond these a value is a typo, and would fail late (or exhaust memory) instead of now.
+LIMITS = {"requests": 64, "alert_m": 100000, "clear_after": 100000, "mqtt_keepalive": 65535, "heartbeat": 86400.0,
+          "retry_delay": 3600.0, "retry_max_delay": 86400.0, "mqtt_retry_delay": 3600.0,
+          "mqtt_retry_max_delay": 86400.0, "status_interval": 86400.0, "outbox_max": 10_000_000,
+          "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6}
 _HINTS = get_type_hints(RunConfig)
 
 
@@ -118,9 +134,18 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
         return value
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{origin}: '{name}' must be a finite number, got {value!r}")
+        return number
     if str in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+        text = str(value)
+        if "\x00" in text:
+            raise ConfigError(f"{origin}: '{name}' must not contain NUL characters")
+        return text
     wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
     raise ConfigError(f"{origin}: '{name}' must be {wanted}, got {value!r}")
 
@@ -147,7 +172,7 @@ def _check_keys(flat: dict, origin: str) -> None:
         if key not in FIELD_NAMES:
             close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{origin}: unknown option '{key}'{hint}")
+            raise ConfigError(f"{origin}: unknown option {key!r}{hint}")
 
 
 def _parse_file(path: Path) -> dict:
@@ -197,6 +222,8 @@ def load_config_file(path: str | Path) -> dict:
         raw = _parse_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number, absurd nesting
+        raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())[:200]}") from None
     flat = _flatten(raw)
     _check_keys(flat, str(path))
     values = {key: _coerce(key, value, str(path)) for key, value in flat.items()}
@@ -219,6 +246,12 @@ def build_config(cli_values: dict, config_file: str | Path | None = None) -> Run
     config = RunConfig(**merged)
     validate(config)
     return config
+
+
+def _bounded(config: RunConfig, name: str) -> None:
+    value, limit = getattr(config, name), LIMITS[name]
+    if value is not None and value > limit:
+        raise ConfigError(f"--{name.replace('_', '-')} must be at most {limit:g}, got {value:g}")
 
 
 _ID = re.compile(r"^[^/+#\s\x00]+$")
@@ -257,16 +290,26 @@ def validate(config: RunConfig) -> None:
         _positive(config, name)
     for name in ("source_retries", "mqtt_retries", "requests"):
         _positive(config, name, allow_zero=True)
+    _positive(config, "mqtt_retry_max_delay")
+    _positive(config, "outbox_max")
+    for name in LIMITS:
+        _bounded(config, name)
+    if config.mqtt_version not in MQTT_VERSIONS:
+        raise ConfigError(f"--mqtt-version must be one of {', '.join(MQTT_VERSIONS)}, got {config.mqtt_version!r}")
     if config.alert_n > config.alert_m:
         raise ConfigError(f"--alert-n ({config.alert_n}) cannot exceed --alert-m ({config.alert_m})")
     if config.snapshot_quality > 100:
         raise ConfigError(f"--snapshot-quality must be 1..100, got {config.snapshot_quality}")
     try:
-        Cooldown.parse(config.cooldown)
+        cooldown = Cooldown.parse(config.cooldown)
     except ValueError as exc:
         raise ConfigError(f"--cooldown: {exc}") from None
+    if not math.isfinite(cooldown.seconds) or cooldown.seconds > 10**7 or cooldown.frames > 10**9:
+        raise ConfigError(f"--cooldown {config.cooldown!r} is too long")
     for name in ("device_id", "camera_id", "topic_root"):
         value = getattr(config, name)
+        if value is not None and len(value) > MAX_ID:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {MAX_ID} characters, got {len(value)}")
         if value is not None and not _ID.match(value):
             if name == "topic_root" and "/" in value and all(_ID.match(p) for p in value.split("/")):
                 continue
@@ -279,7 +322,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} file not found: {value}")
     if config.mqtt_key and not config.mqtt_cert:
         raise ConfigError("--mqtt-key needs --mqtt-cert (the client certificate it belongs to)")
-    mqtt_only = ("mqtt_username", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id")
+    mqtt_only = ("mqtt_username", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "outbox")
     if config.mqtt_host is None and (config.mqtt_tls or any(getattr(config, n) for n in mqtt_only)):
         raise ConfigError("MQTT options given without --mqtt-host")
     if config.mqtt_password_file and not config.mqtt_username:

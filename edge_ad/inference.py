@@ -10,6 +10,7 @@ request is free, so every frame is processed.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import openvino as ov
 import openvino.properties as props
 import openvino.properties.hint as hints
 
-from edge_ad.bundle import Bundle, BundleError, read_bundle
+from edge_ad.bundle import Bundle, BundleError, read_bundle, safe_member
 from edge_ad.errors import InferenceError, UsageError
 from edge_ad.preprocess import FrameError, preprocess
 from edge_ad.sources import Frame
@@ -62,9 +63,10 @@ def check_device(core: ov.Core, device: str) -> None:
 def load_model(bundle_dir: str | Path, core: ov.Core) -> tuple[Bundle, ov.Model]:
     """Read and verify the bundle (checksums, schema) and its IR; check the I/O contract."""
     bundle_dir = Path(bundle_dir)
-    bundle = read_bundle(bundle_dir)  # BundleError: missing, tampered, unknown schema
+    bundle = read_bundle(bundle_dir)  # BundleError: missing, tampered, unknown schema, names leaving the folder
+    check_runtime_fields(bundle)
     try:
-        model = core.read_model(bundle_dir / bundle.model.xml, bundle_dir / bundle.model.bin)
+        model = core.read_model(safe_member(bundle_dir, bundle.model.xml), safe_member(bundle_dir, bundle.model.bin))
     except RuntimeError as exc:
         raise BundleError(f"cannot read the IR in {bundle_dir}: {_first_line(exc)}") from None
     inputs = {name for port in model.inputs for name in port.get_names()}
@@ -79,6 +81,24 @@ def load_model(bundle_dir: str | Path, core: ov.Core) -> tuple[Bundle, ov.Model]
     if shape.is_static and tuple(shape.to_shape())[2:] != (spec.height, spec.width):
         raise BundleError(f"model input shape {shape} does not match the bundle's preprocessing {spec.height}x{spec.width}")
     return bundle, model
+
+
+def check_runtime_fields(bundle: Bundle) -> None:
+    """What the runtime takes from bundle.json must be sane numbers before any frame depends on it."""
+    spec = bundle.preprocess
+    for name in ("height", "width"):
+        value = getattr(spec, name)
+        if type(value) is not int or not 1 <= value <= 16384:
+            raise BundleError(f"bundle.json preprocess.{name} must be an integer 1..16384, got {value!r}")
+    if not isinstance(spec.scale, (int, float)) or not math.isfinite(spec.scale) or spec.scale <= 0:
+        raise BundleError(f"bundle.json preprocess.scale must be a positive number, got {spec.scale!r}")
+    if spec.color not in ("RGB", "BGR"):
+        raise BundleError(f"bundle.json preprocess.color must be RGB or BGR, got {spec.color!r}")
+    thresholds = bundle.thresholds
+    for name in ("image", "pixel", "image_min", "image_max", "pixel_min", "pixel_max"):
+        value = getattr(thresholds, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BundleError(f"bundle.json thresholds.{name} must be a finite number, got {value!r}")
 
 
 def compile_model(core: ov.Core, model: ov.Model, device: str, mode: str) -> ov.CompiledModel:
@@ -116,16 +136,25 @@ class Detector:
     def spec(self):
         return self.bundle.preprocess
 
+    def prepare(self, frame: Frame) -> np.ndarray:
+        """The model input (1x3xHxW float32) for a frame; FrameError for a frame that cannot be one."""
+        return preprocess(frame.image, self.spec)[None]
+
     def submit(self, frame: Frame, block: bool) -> bool:
-        """Start inference on a frame; without `block`, drop it when every request is busy."""
+        """Start inference on a frame; without `block`, drop it when every request is busy.
+
+        An unusable frame (odd shape or dtype, empty) is skipped and counted in
+        `failed`, with a warning for the first few and then every 100th.
+        """
         if not block and not self.queue.is_ready():
             self.dropped += 1
             return False
         try:
-            tensor = preprocess(frame.image, self.spec)[None]
+            tensor = self.prepare(frame)
         except FrameError as exc:
-            log.warning("frame %d cannot be used: %s", frame.index, exc)
             self.failed += 1
+            if self.failed <= 5 or self.failed % 100 == 0:
+                log.warning("skipping frame %d (%d unusable so far): %s", frame.index, self.failed, exc)
             return False
         job = (self._seq, frame, tensor, time.monotonic())
         self._seq += 1

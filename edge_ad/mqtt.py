@@ -1,8 +1,9 @@
 """Connecting to an MQTT broker (paho-mqtt 2.x): credentials, TLS, retries at start-up.
 
-Shared by the alert sink and `edge-ad listen`. The password is read from
-$EDGE_AD_MQTT_PASSWORD or a file and handed to paho only: it is never logged,
-echoed or accepted on the command line.
+Shared by the alert sink and `edge-ad listen`. The password is read from a
+file, $EDGE_AD_MQTT_PASSWORD, or a systemd credential ($CREDENTIALS_DIRECTORY/
+mqtt-password) and handed to paho only: it is never logged, echoed or accepted
+on the command line. TLS always verifies the broker's certificate and host name.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from edge_ad.errors import BrokerError, ConfigError
 log = logging.getLogger("edge_ad.mqtt")
 
 CONNACK_TIMEOUT = 10.0
+CREDENTIAL_NAME = "mqtt-password"  # systemd LoadCredential=mqtt-password:/etc/edge-ad/mqtt.pass
+VERSIONS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class MqttSettings:
     keepalive: int = 60
     retries: int = 5
     retry_delay: float = 1.0
+    retry_max_delay: float = 30.0
+    version: str = "3.1.1"  # "5": the broker says in each PUBACK whether it accepted the message (ACLs)
 
     @property
     def address(self) -> str:
@@ -48,7 +53,7 @@ class MqttSettings:
 
 
 def read_password(settings: MqttSettings) -> str | None:
-    """Password from the file (first line) or the environment; never logged."""
+    """Password from the file (first line), the environment, or a systemd credential; never logged."""
     if settings.password_file:
         path = Path(settings.password_file)
         try:
@@ -64,15 +69,28 @@ def read_password(settings: MqttSettings) -> str | None:
     if password is not None and not settings.username:
         log.warning("$%s is set but no --mqtt-username is given; connecting without credentials", PASSWORD_ENV)
         return None
+    if password is None and settings.username and os.environ.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+        try:
+            lines = credential.read_text(encoding="utf-8").splitlines()
+            return lines[0] if lines else ""
+        except OSError:
+            return None
     return password
 
 
-def make_client(settings: MqttSettings) -> mqtt.Client:
-    """A configured, not yet connected paho client (callback API v2, MQTT 3.1.1)."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                         protocol=mqtt.MQTTv311, clean_session=True)
+def set_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
+    """(Re)read the password: called before every connection attempt, so fixing the file fixes a running service."""
     if settings.username:
         client.username_pw_set(settings.username, read_password(settings))
+
+
+def make_client(settings: MqttSettings) -> mqtt.Client:
+    """A configured, not yet connected paho client (callback API v2, MQTT 3.1.1 or 5)."""
+    protocol = VERSIONS[settings.version]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol,
+                         clean_session=True if protocol != mqtt.MQTTv5 else None)
+    set_credentials(client, settings)
     if settings.tls or settings.ca or settings.cert:
         try:
             client.tls_set(ca_certs=settings.ca, certfile=settings.cert, keyfile=settings.key,

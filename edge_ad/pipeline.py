@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from edge_ad.errors import SourceError
 from edge_ad.events import Topics, alert_payload, clear_payload, heartbeat_payload
@@ -44,10 +45,12 @@ class Pipeline:
     max_frames: int | None = None
     heartbeat: float = 30.0
     status_line: StatusLine | None = None
+    health: Callable[[], dict] | None = None  # extra heartbeat fields: state, outbox figures
 
     def __post_init__(self) -> None:
         self._last_alert_id: str | None = None
         self._ticker_stop = threading.Event()
+        self._submit_errors = 0
 
     # -- capture (caller's thread) -------------------------------------------------
     def run(self) -> RuntimeStats:
@@ -63,7 +66,7 @@ class Pipeline:
                 if self.stop.is_set():
                     break
                 self.stats.captured += 1
-                self.detector.submit(frame, block=block)
+                self._submit(frame, block)
                 if self.max_frames and self.stats.captured >= self.max_frames:
                     log.info("stopping after --max-frames %d", self.max_frames)
                     break
@@ -81,6 +84,17 @@ class Pipeline:
         if failure is not None:
             raise failure
         return self.stats
+
+    def _submit(self, frame, block: bool) -> None:
+        """One frame into inference; nothing a single frame does may stop the stream."""
+        try:
+            self.detector.submit(frame, block=block)
+        except Exception as exc:  # noqa: BLE001  (unusable frames are FrameErrors, counted by the detector)
+            self.stats.errors += 1
+            self._submit_errors += 1
+            if self._submit_errors <= 5 or self._submit_errors % 100 == 0:
+                log.error("frame %s could not be submitted (%d so far): %s: %s", getattr(frame, "index", "?"),
+                          self._submit_errors, type(exc).__name__, exc)
 
     # -- decisions (consumer thread) --------------------------------------------------
     def _consume(self) -> None:
@@ -130,7 +144,7 @@ class Pipeline:
                 path = self.snapshots.write(f"{self.topics.camera}_{frame.index:08d}_{event_id[:8]}", frame.image,
                                             self.scorer.normalize_pixels(result.anomaly_map), decision.regions)
                 snapshot = str(path)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001  a missing picture must never cost the alert
                 log.error("cannot write snapshot to %s: %s", self.snapshots.folder, exc)
         payload = alert_payload(
             event_id=event_id, device=self.topics.device, camera=self.topics.camera, frame_index=frame.index,
@@ -161,14 +175,23 @@ class Pipeline:
         self.stats.skipped = self.source.skipped + self.detector.failed  # unreadable files, unusable frames
 
     def _heartbeat(self) -> dict:
-        return heartbeat_payload(device=self.topics.device, camera=self.topics.camera, stats=self.stats.snapshot())
+        fields = self.stats.snapshot()
+        if self.health is not None:
+            try:
+                fields.update(self.health())
+            except Exception as exc:  # noqa: BLE001
+                log.error("heartbeat health fields: %s", exc)
+        return heartbeat_payload(device=self.topics.device, camera=self.topics.camera, stats=fields)
 
     def _tick(self) -> None:
         next_beat = time.monotonic() + self.heartbeat
-        while not self._ticker_stop.wait(1.0):
-            self._sync_counters()
-            if self.status_line is not None:
-                self.status_line.update(self.stats.line())
-            if time.monotonic() >= next_beat:
-                next_beat += self.heartbeat
-                self.sinks.publish("heartbeat", self._heartbeat())
+        while not self._ticker_stop.wait(min(1.0, self.heartbeat)):
+            try:
+                self._sync_counters()
+                if self.status_line is not None:
+                    self.status_line.update(self.stats.line())
+                if time.monotonic() >= next_beat:
+                    next_beat = max(next_beat + self.heartbeat, time.monotonic())
+                    self.sinks.publish("heartbeat", self._heartbeat())
+            except Exception as exc:  # noqa: BLE001  the ticker must outlive any one failure
+                log.error("status/heartbeat: %s: %s", type(exc).__name__, exc)

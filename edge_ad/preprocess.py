@@ -54,41 +54,57 @@ def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def _as_bgr_uint8(frame: np.ndarray) -> np.ndarray:
+def as_bgr_uint8(frame) -> np.ndarray:
+    """Any plausible frame -> contiguous uint8 HxWx3 BGR, or FrameError saying why not.
+
+    Accepted: HxW, HxWx1, HxWx3, HxWx4 of uint8, uint16 (high byte kept) or
+    floating point taken as [0, 1] intensities. Everything else (other integer
+    types, bool, complex, NaN/inf, fewer than 2x2 pixels) is refused, so a bad
+    frame is skipped and counted instead of stopping the stream.
+    """
     if not isinstance(frame, np.ndarray):
         raise FrameError(f"frame must be a numpy array, got {type(frame).__name__}")
     if frame.size == 0:
-        raise FrameError("frame is empty")
+        raise FrameError(f"frame is empty (shape {frame.shape})")
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
-    if frame.ndim == 2:
-        frame = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_GRAY2BGR) if frame.dtype == np.uint8 else np.repeat(frame[:, :, None], 3, axis=2)
-    elif frame.ndim == 3 and frame.shape[2] == 4:
+    if frame.ndim == 3 and frame.shape[2] == 4:
         frame = frame[:, :, :3]
-    elif not (frame.ndim == 3 and frame.shape[2] == 3):
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
         raise FrameError(f"frame must be HxW, HxWx1, HxWx3 or HxWx4, got shape {frame.shape}")
     if frame.shape[0] < 2 or frame.shape[1] < 2:
         raise FrameError(f"frame is too small: {frame.shape[1]}x{frame.shape[0]}")
     if frame.dtype == np.uint8:
-        return frame
-    if frame.dtype == np.uint16:
-        return (frame >> 8).astype(np.uint8)
-    if np.issubdtype(frame.dtype, np.floating):
+        pass
+    elif frame.dtype == np.uint16:
+        frame = (frame >> 8).astype(np.uint8)
+    elif np.issubdtype(frame.dtype, np.floating):
         if not np.all(np.isfinite(frame)):
             raise FrameError("frame contains NaN or infinite values")
         # Floating frames are taken as [0, 1] intensities.
-        return np.clip(frame * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    raise FrameError(f"unsupported frame dtype {frame.dtype}")
+        frame = (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise FrameError(f"unsupported frame dtype {frame.dtype}")
+    frame = np.ascontiguousarray(frame)  # views, negative or zero strides: OpenCV wants plain memory
+    if frame.ndim == 2:
+        try:
+            frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+        except cv2.error as exc:
+            raise FrameError(f"cannot convert the frame: {str(exc).strip().splitlines()[-1]}") from None
+    return frame
 
 
 def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Frame (uint8 BGR or grayscale, any size) -> float32 CHW model input in [0, 1]."""
-    bgr = _as_bgr_uint8(frame)
-    resized = _resize(bgr, spec.height, spec.width)
-    if spec.color == "RGB":
-        resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
-    elif spec.color != "BGR":
+    bgr = as_bgr_uint8(frame)
+    if spec.color not in ("RGB", "BGR"):
         raise FrameError(f"unknown color order {spec.color!r}")
+    try:
+        resized = _resize(bgr, spec.height, spec.width)
+        if spec.color == "RGB":
+            resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+    except cv2.error as exc:
+        raise FrameError(f"cannot resize the frame: {str(exc).strip().splitlines()[-1]}") from None
     chw = np.transpose(resized, (2, 0, 1)).astype(np.float32)
     chw *= np.float32(spec.scale)
     return np.ascontiguousarray(chw)

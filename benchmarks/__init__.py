@@ -1,0 +1,1 @@
+"""Measurements of edge-ad on this machine (not tests): run as `python -m benchmarks.<name>`."""

@@ -1,0 +1,665 @@
+"""End-to-end frames per second of `edge-ad` on a video, against the raw model throughput of `edge-ad bench`.
+
+Why: `edge-ad bench` times the model alone. On the line the same CPU cores also
+decode video, preprocess every frame (resize, colour order, float), decide
+(thresholds, defect regions, alert policy) and publish over MQTT. This runs the
+real command as an operator would and reports pipeline / model (target >= 90 %).
+
+    python -m benchmarks.pipeline_fps --model bundles/stfpm-fp32 --model bundles/stfpm-int8 --json out.json
+
+How it measures (start-up excluded, nothing estimated):
+- raw model fps: `edge-ad bench --model B --mode M --json` -> `throughput_fps` (AsyncInferQueue with
+  OpenVINO's optimal number of requests, one constant tensor: no decode, no preprocessing).
+- pipeline fps: `edge-ad --video V --model B --mode M --mqtt-host 127.0.0.1 --mqtt-port P` in a
+  subprocess, every frame processed (no --realtime: file sources block instead of dropping). edge-ad
+  prints no machine-readable summary, so its heartbeats are used (`--heartbeat 0.5`; its ticker checks
+  once a second, so about one per second), each carrying `processed` and a millisecond timestamp:
+  fps = frames processed between the first heartbeat with frames done and the final heartbeat (sent
+  after the last frame was decided and published) / time between them. Model compilation, broker
+  connection and the first second of frames are excluded. Heartbeats come from the broker (a subscriber
+  here also counts the alerts that arrived, proof that publishing was real) or, with --no-mqtt, from a
+  --jsonl file. `online->done fps` (from the `online` status to the final heartbeat) is reported too.
+- per-frame stage costs: decode, preprocess, sync inference and decision, single-threaded in this
+  process at the video's frame size, to show where the time goes (the capture thread decodes and
+  preprocesses serially, so 1000 / (decode + preprocess) ms is a ceiling for the pipeline).
+
+Without --video a synthetic MJPG .avi is written: a mid-gray texture drifting one pixel per frame (so
+every frame decodes differently) at --size (default 640x480), with a white "defect" rectangle in 5 of
+every 50 frames. --from-images DIR makes the video from real images instead (e.g. MVTec test images,
+so a real model sees in-distribution frames; a model looking at the synthetic texture may flag every
+frame, which makes the decision stage do region extraction on every frame).
+
+The machine's load is part of any number taken on a shared box: the CPU model and the load average
+before and after each measurement are reported with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TOPIC_ROOT = "edge-ad"
+CAMERA_ID = "bench"
+TARGET_RATIO = 0.90
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class BenchmarkError(Exception):
+    """A failure worth one line; exit code 1 (2 for bad input)."""
+
+    exit_code = 1
+
+
+class InputError(BenchmarkError):
+    exit_code = 2
+
+
+# -- machine ----------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def machine_info() -> dict:
+    import openvino as ov
+
+    return {
+        "cpu": cpu_model(), "cores": usable_cores(), "host": socket.gethostname(), "python": platform.python_version(),
+        "openvino": ov.__version__.split("-")[0], "opencv": cv2.__version__, "load_average_start": load_average(),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# -- video ------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 16:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _write_video(path: Path, frames, count: int, width: int, height: int, fps: float) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise BenchmarkError(f"OpenCV cannot write an MJPG .avi at {path}")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    written = video_frames(path)
+    if written != count:
+        raise BenchmarkError(f"wrote {count} frames to {path} but OpenCV reads back {written}")
+    return path
+
+
+def synthetic_video(path: Path, count: int, width: int, height: int, fps: float = 25.0) -> Path:
+    """Drifting mid-gray texture; a white 'defect' rectangle in frames 20-24 of every 50 (10 %)."""
+    rng = np.random.default_rng(0)
+    margin = 64
+    noise = rng.integers(0, 256, (height + margin, width + margin, 3), dtype=np.uint8)
+    texture = cv2.normalize(cv2.GaussianBlur(noise, (0, 0), 3), None, 110, 150, cv2.NORM_MINMAX)
+    box_w, box_h = max(8, width // 10), max(8, height // 10)
+
+    def frames():
+        for i in range(count):
+            dx, dy = i % margin, (i // 2) % margin
+            frame = np.ascontiguousarray(texture[dy : dy + height, dx : dx + width])
+            if 20 <= i % 50 < 25:
+                x = (width // 5 + 37 * (i // 50)) % (width - box_w)
+                y = (height // 4 + 23 * (i // 50)) % (height - box_h)
+                frame[y : y + box_h, x : x + box_w] = 255
+            yield frame
+
+    return _write_video(path, frames(), count, width, height, fps)
+
+
+def video_from_images(path: Path, source: Path, count: int, width: int, height: int, fps: float = 25.0) -> Path:
+    """Real images (sorted, cycled) resized to width x height, as an MJPG video of `count` frames."""
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else []
+    if not files:
+        raise InputError(f"--from-images: no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+    images = []
+    for file in files[:count]:
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if image is not None:
+            images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+    if not images:
+        raise InputError(f"--from-images: none of the images under {source} could be read")
+    return _write_video(path, (images[i % len(images)] for i in range(count)), count, width, height, fps)
+
+
+def video_frames(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise InputError(f"OpenCV cannot open the video {path}")
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if count <= 0:  # containers without a frame count: read through
+            count = 0
+            while cap.grab():
+                count += 1
+        return count
+    finally:
+        cap.release()
+
+
+def video_info(path: Path) -> dict:
+    cap = cv2.VideoCapture(str(path))
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("ascii", "replace").strip("\x00")
+    cap.release()
+    return {"path": str(path), "size": f"{width}x{height}", "frames": video_frames(path), "codec": fourcc}
+
+
+# -- broker -----------------------------------------------------------------------------------------
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+                                               if Path(p).exists()), None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """A throw-away mosquitto on a free loopback port, so publishing in the benchmark is real."""
+
+    def __init__(self, binary: str, folder: Path):
+        self.binary, self.folder = binary, folder
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Mosquitto":
+        conf = self.folder / "mosquitto.conf"
+        stay_root = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{stay_root}")
+        log_path = self.folder / "mosquitto.log"
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise BenchmarkError(f"mosquitto did not start on port {self.port}: "
+                                         f"{log_path.read_text()[-300:].strip()}") from None
+                time.sleep(0.05)
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "-h"], capture_output=True, text=True).stdout
+        match = re.search(r"mosquitto version (\S+)", out)
+        return match.group(1) if match else "?"
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Subscriber:
+    """Everything edge-ad publishes for one device id (heartbeats for fps, alerts as proof of delivery)."""
+
+    def __init__(self, port: int, device: str):
+        import paho.mqtt.client as mqtt
+
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pipeline-fps-{os.getpid()}-{device}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{TOPIC_ROOT}/{device}/#", qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            self.close()
+            raise BenchmarkError(f"could not subscribe to the benchmark broker on port {port}")
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            payload = json.loads(message.payload)
+        except ValueError:
+            return
+        with self._lock:
+            self.events.append(payload)
+
+    def wait_for_offline(self, timeout: float = 5.0) -> None:
+        """The `offline` status is edge-ad's last message (after the final heartbeat)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if any(e.get("event") == "status" and e.get("state") == "offline" for e in self.events):
+                    return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+def _edge_ad(*args) -> list[str]:
+    """`python -m edge_ad` of this checkout: the same entry point as the `edge-ad` script."""
+    return [sys.executable, "-m", "edge_ad", *map(str, args)]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_bench(bundle: Path, mode: str, device: str, seconds: float, timeout: float) -> dict:
+    """`edge-ad bench --json`; its throughput phase gets seconds / 2."""
+    load_before = load_average()
+    proc = subprocess.run(_edge_ad("bench", "--model", bundle, "--mode", mode, "--device", device,
+                                   "--seconds", seconds, "--json"),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_env())
+    if proc.returncode != 0:
+        raise BenchmarkError(f"edge-ad bench on {bundle} exited {proc.returncode}:\n{_tail(proc.stderr)}")
+    result = json.loads(proc.stdout)
+    result["load_average"] = [load_before, load_average()]
+    return result
+
+
+def _utc(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def fps_from_events(events: list[dict]) -> dict:
+    """Steady-state fps from heartbeats; see the module docstring."""
+    beats = [e for e in events if e.get("event") == "heartbeat"]
+    online = next((e for e in events if e.get("event") == "status" and e.get("state") == "online"), None)
+    if not beats:
+        raise BenchmarkError("edge-ad published no heartbeat; cannot measure its frame rate")
+    final = beats[-1]
+    working = [b for b in beats if b["processed"] > 0]
+    result = {"processed": final["processed"], "heartbeats": len(beats), "final": final, "steady_fps": None,
+              "steady_frames": 0, "steady_seconds": 0.0, "online_to_done_fps": None}
+    if working:
+        first = working[0]
+        span = _utc(final["timestamp"]) - _utc(first["timestamp"])
+        frames = final["processed"] - first["processed"]
+        if span >= 0.5 and frames > 0:
+            result.update(steady_fps=frames / span, steady_frames=frames, steady_seconds=span)
+    if online is not None:
+        span = _utc(final["timestamp"]) - _utc(online["timestamp"])
+        if span > 0:
+            result["online_to_done_fps"] = final["processed"] / span
+    return result
+
+
+def run_pipeline(bundle: Path, video: Path, *, mode: str, device: str, max_frames: int | None, broker: Mosquitto | None,
+                 workdir: Path, run_id: str, timeout: float) -> dict:
+    """One `edge-ad --video` run as fast as possible; fps from its heartbeats, CPU time from rusage."""
+    device_id = f"pipeline-fps-{run_id}"
+    args = ["--video", video, "--model", bundle, "--mode", mode, "--device", device, "--heartbeat", "0.5",
+            "--device-id", device_id, "--camera-id", CAMERA_ID, "--log-level", "info"]
+    if max_frames:
+        args += ["--max-frames", max_frames]
+    jsonl = workdir / f"events-{run_id}.jsonl"
+    subscriber = None
+    if broker is not None:
+        args += ["--mqtt-host", "127.0.0.1", "--mqtt-port", broker.port]
+        subscriber = Subscriber(broker.port, device_id)
+    else:
+        args += ["--jsonl", jsonl]
+    load_before = load_average()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(_edge_ad(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_env())
+    except BaseException as exc:
+        if subscriber is not None:
+            subscriber.close()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise BenchmarkError(f"edge-ad on {bundle} did not finish within {timeout:.0f} s") from None
+        raise
+    wall = time.monotonic() - started
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+    if proc.returncode != 0:
+        if subscriber is not None:
+            subscriber.close()
+        raise BenchmarkError(f"edge-ad --video on {bundle} exited {proc.returncode}:\n{_tail(proc.stderr)}")
+    if subscriber is not None:
+        subscriber.wait_for_offline()
+        subscriber.close()
+        events = list(subscriber.events)
+    else:
+        events = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    result = fps_from_events(events)
+    final = result.pop("final")
+    done = re.search(r"done: ([\d.]+) fps", proc.stderr)
+    result.update(
+        wall_s=round(wall, 2), cpu_s=round(cpu, 2), cpu_cores_used=round(cpu / wall, 2) if wall else None,
+        anomalous=final.get("anomalous"), alerts=final.get("alerts"), dropped=final.get("dropped"),
+        errors=final.get("errors"), skipped=final.get("skipped"), latency_ms=final.get("latency_ms"),
+        e2e_latency_ms=final.get("e2e_latency_ms"),
+        alerts_received=sum(e.get("event") == "alert" for e in events) if broker is not None else None,
+        last_5s_fps_reported=float(done.group(1)) if done else None,
+        requests_in_flight=_requests(proc.stderr), load_average=[load_before, load_average()],
+    )
+    return result
+
+
+def _requests(stderr: str) -> int | None:
+    match = re.search(r"(\d+) request\(s\) in flight", stderr)
+    return int(match.group(1)) if match else None
+
+
+def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60) -> dict:
+    """Single-threaded median ms per frame of each stage at the video's frame size: where the time goes."""
+    import openvino as ov
+
+    from edge_ad.inference import compile_model, load_model
+    from edge_ad.preprocess import preprocess
+    from edge_ad.scoring import Scorer
+
+    def median_ms(samples):
+        return round(statistics.median(samples) * 1000.0, 3) if samples else None
+
+    def min_ms(samples):  # on a shared box noise only adds: the minimum is the uncontended cost
+        return round(min(samples) * 1000.0, 3) if samples else None
+
+    cap = cv2.VideoCapture(str(video))
+    images, decode = [], []
+    for _ in range(frames):
+        start = time.perf_counter()
+        ok, image = cap.read()
+        if not ok:
+            break
+        decode.append(time.perf_counter() - start)
+        images.append(image)
+    cap.release()
+    if not images:
+        raise BenchmarkError(f"cannot decode {video}")
+    core = ov.Core()
+    bundle_info, model = load_model(bundle, core)
+    spec = bundle_info.preprocess
+    request = compile_model(core, model, device, "latency").create_infer_request()
+    name = bundle_info.model.input_name
+    scorer = Scorer(bundle_info.thresholds)
+    prep, resize, infer, decide, decide_anomalous = [], [], [], [], []
+    interpolation = cv2.INTER_AREA if images[0].shape[0] >= spec.height and images[0].shape[1] >= spec.width \
+        else cv2.INTER_LINEAR
+    for image in images:
+        start = time.perf_counter()
+        tensor = preprocess(image, spec)[None]
+        prep.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        cv2.resize(image, (spec.width, spec.height), interpolation=interpolation)
+        resize.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        request.infer({name: tensor})
+        infer.append(time.perf_counter() - start)
+        amap = np.array(request.get_tensor(bundle_info.model.outputs[0]).data, dtype=np.float32).reshape(spec.height, spec.width)
+        score = float(np.asarray(request.get_tensor(bundle_info.model.outputs[1]).data).reshape(-1)[0])
+        start = time.perf_counter()
+        decision = scorer.decide(amap, score, image.shape[:2])
+        (decide_anomalous if decision.anomalous else decide).append(time.perf_counter() - start)
+    capture = statistics.median(d + p for d, p in zip(decode, prep))
+    capture_min = min(decode) + min(prep)
+    result = {"frames": len(images), "frame_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
+              "resize_interpolation": "INTER_AREA" if interpolation == cv2.INTER_AREA else "INTER_LINEAR",
+              "anomalous_frames": len(decide_anomalous), "opencv_threads": cv2.getNumThreads(),
+              "capture_thread_ceiling_fps": round(1.0 / capture, 1) if capture > 0 else None,
+              "capture_thread_ceiling_fps_uncontended": round(1.0 / capture_min, 1) if capture_min > 0 else None}
+    for name, samples in (("decode", decode), ("preprocess", prep), ("resize", resize), ("infer_sync", infer),
+                          ("decide_normal", decide), ("decide_anomalous", decide_anomalous)):
+        result[f"{name}_ms"] = median_ms(samples)
+        result[f"{name}_min_ms"] = min_ms(samples)
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str = ".1f", empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def _load(pair) -> str:
+    return " -> ".join(f"{v[0]:.1f}" for v in pair if v) if pair else "-"
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    v = report["video"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} usable core(s), load average at start {m['load_average_start']} "
+        f"(1/5/15 min), OpenVINO {m['openvino']}, OpenCV {m['opencv']}, Python {m['python']}, {m['date']}",
+        f"Video: {v['size']} {v['codec']}, {v['frames']} frames ({v['origin']}); mode {report['mode']}, device "
+        f"{report['device']}; publishing: {report['publishing']}",
+        "",
+        "| bundle | precision | input | raw model fps (bench) | pipeline fps | ratio (target >= 90 %) | frames | "
+        "anomalous | alerts sent/recv | edge-ad CPU cores | 1-min load (bench; pipeline) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["results"]:
+        ratio = row["ratio"]
+        verdict = "" if ratio is None else (" ok" if ratio >= TARGET_RATIO else " **below**")
+        p = row["pipeline"]
+        recv = "-" if p["alerts_received"] is None else p["alerts_received"]
+        spread = ""
+        if len(row["pipeline_fps_runs"]) > 1:
+            spread = f" ({min(row['pipeline_fps_runs']):.1f}-{max(row['pipeline_fps_runs']):.1f})"
+        anomalous = f"{100.0 * p['anomalous'] / p['processed']:.0f} %" if p["processed"] else "-"
+        if row["pipeline_fps_from"] != "heartbeats":
+            spread += " (online->done: short run, includes ramp-up)"
+        lines.append(
+            f"| {row['name']} | {row['precision']} | {row['input']} | {_fmt(row['raw_fps'])} | "
+            f"{_fmt(row['pipeline_fps'])}{spread} | {_fmt(None if ratio is None else 100 * ratio, '.0f')} %{verdict} | "
+            f"{p['processed']} | {anomalous} | {p['alerts']}/{recv} | {_fmt(p['cpu_cores_used'], '.2f')} | "
+            f"{_load(row['bench']['load_average'])}; {_load(p['load_average'])} |")
+    if not any(row.get("stages") for row in report["results"]):
+        return "\n".join(lines + ["", f"Load average at end: {report['load_average_end']}"])
+    lines += [
+        "",
+        f"Per-frame stage costs at {v['size']}, ms, single thread, median (min = uncontended) over the first "
+        "frames of the video; the capture thread runs decode + preprocess serially, so 1000 / their sum caps "
+        "the pipeline:",
+        "",
+        "| bundle | decode | preprocess | of which resize | infer (sync, 1 request) | decide normal | "
+        "decide anomalous | capture-thread ceiling fps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(s, name):
+        return f"{_fmt(s[name + '_ms'], '.2f')} ({_fmt(s[name + '_min_ms'], '.2f')})"
+
+    for row in report["results"]:
+        s = row.get("stages")
+        if not s:
+            continue
+        lines.append(
+            f"| {row['name']} | {cell(s, 'decode')} | {cell(s, 'preprocess')} | {cell(s, 'resize')} "
+            f"{s['resize_interpolation']} | {cell(s, 'infer_sync')} | {cell(s, 'decide_normal')} | "
+            f"{cell(s, 'decide_anomalous')} | {_fmt(s['capture_thread_ceiling_fps'])} "
+            f"({_fmt(s['capture_thread_ceiling_fps_uncontended'])}) |")
+    lines += ["", f"Load average at end: {report['load_average_end']}"]
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.pipeline_fps",
+        description="End-to-end fps of `edge-ad --video` (decode + preprocess + infer + decide + publish) "
+                    "vs raw model fps of `edge-ad bench`, per bundle, as a Markdown table.")
+    parser.add_argument("--model", "-m", action="append", required=True, type=Path, metavar="BUNDLE",
+                        help="bundle folder; repeat for several (e.g. FP32 and INT8)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--video", type=Path, metavar="PATH", help="video file to run (default: a synthetic one)")
+    src.add_argument("--from-images", type=Path, metavar="DIR", help="make the video from the images under DIR")
+    parser.add_argument("--frames", type=int, default=900, metavar="N",
+                        help="frames of the generated video (default: 900 = 36 s at 25 fps)")
+    parser.add_argument("--size", type=parse_size, default=(640, 480), metavar="WxH",
+                        help="frame size of the generated video (default: 640x480)")
+    parser.add_argument("--seconds", type=float, default=10.0, metavar="S",
+                        help="aim for about S seconds of pipeline per bundle: --max-frames = raw fps x S "
+                             "(at least 150, at most the video; default: 10)")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="frames per pipeline run (overrides --seconds)")
+    parser.add_argument("--bench-seconds", type=float, default=6.0, metavar="S",
+                        help="`edge-ad bench --seconds` (half of it measures throughput; default: 6)")
+    parser.add_argument("--mode", choices=("throughput", "latency"), default="throughput",
+                        help="OpenVINO performance hint for both bench and pipeline (default: throughput)")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
+    parser.add_argument("--mqtt", action=argparse.BooleanOptionalAction, default=None,
+                        help="publish to a throw-away mosquitto on a loopback port (default: on when mosquitto "
+                             "is installed; --no-mqtt writes JSON lines to a file instead)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="alternate bench and pipeline N times per bundle; the table shows medians")
+    parser.add_argument("--no-stages", dest="stages", action="store_false",
+                        help="skip the in-process per-stage cost breakdown")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full results as JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per edge-ad run (default: 600)")
+    args = parser.parse_args(argv)
+    for bundle in args.model:
+        if not (bundle / "bundle.json").is_file():
+            parser.error(f"--model {bundle}: not a bundle folder (no bundle.json)")
+    if args.video is not None and not args.video.is_file():
+        parser.error(f"--video {args.video}: no such file")
+    if args.frames < 10 or args.repeat < 1 or (args.max_frames is not None and args.max_frames < 10):
+        parser.error("--frames and --max-frames must be >= 10, --repeat >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mosquitto = find_mosquitto()
+    use_mqtt = bool(mosquitto) if args.mqtt is None else args.mqtt
+    if use_mqtt and not mosquitto:
+        print("pipeline_fps: error: --mqtt needs the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline_fps-") as tmp:
+            workdir = Path(tmp)
+            report = measure(args, workdir, mosquitto if use_mqtt else None)
+    except BenchmarkError as exc:
+        print(f"pipeline_fps: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nfull results: {args.json}")
+    return 0
+
+
+def measure(args: argparse.Namespace, workdir: Path, mosquitto: str | None) -> dict:
+    machine = machine_info()
+    width, height = args.size
+    if args.video is not None:
+        video, origin = args.video.resolve(), "given"
+    elif args.from_images is not None:
+        print(f"writing a {width}x{height} video of {args.frames} frames from {args.from_images} ...", file=sys.stderr)
+        video = video_from_images(workdir / "from_images.avi", args.from_images, args.frames, width, height)
+        origin = f"made from images under {args.from_images}"
+    else:
+        print(f"writing a synthetic {width}x{height} video of {args.frames} frames ...", file=sys.stderr)
+        video, origin = synthetic_video(workdir / "synthetic.avi", args.frames, width, height), "synthetic"
+    info = {**video_info(video), "origin": origin}
+    results = []
+    broker_cm = Mosquitto(mosquitto, workdir) if mosquitto else None
+    if broker_cm is not None:
+        broker_cm.__enter__()
+    try:
+        publishing = f"MQTT to mosquitto {broker_cm.version()} on 127.0.0.1:{broker_cm.port}" if broker_cm \
+            else "JSON lines to a file (no broker)"
+        for index, bundle in enumerate(args.model):
+            results.append(measure_bundle(args, bundle, video, info["frames"], broker_cm, workdir, index))
+    finally:
+        if broker_cm is not None:
+            broker_cm.__exit__()
+    return {"machine": machine, "video": info, "mode": args.mode, "device": args.device, "publishing": publishing,
+            "target_ratio": TARGET_RATIO, "results": results, "load_average_end": load_average()}
+
+
+def measure_bundle(args, bundle: Path, video: Path, video_count: int, broker, workdir: Path, index: int) -> dict:
+    benches, pipelines = [], []
+    for rep in range(args.repeat):
+        print(f"[{bundle}] edge-ad bench ({args.mode}, {args.bench_seconds:g} s) ...", file=sys.stderr)
+        benches.append(run_bench(bundle, args.mode, args.device, args.bench_seconds, args.timeout))
+        raw = benches[-1]["throughput_fps"]
+        frames = args.max_frames or int(min(video_count, max(150, raw * args.seconds)))
+        frames = min(frames, video_count)
+        print(f"[{bundle}] edge-ad --video ({frames} frames, raw {raw:.1f} fps) ...", file=sys.stderr)
+        run = run_pipeline(bundle, video, mode=args.mode, device=args.device, max_frames=frames, broker=broker,
+                           workdir=workdir, run_id=f"{index}-{rep}", timeout=args.timeout)
+        if run["processed"] != frames or run["errors"] or run["dropped"]:
+            print(f"[{bundle}] warning: processed {run['processed']} of {frames} frames, errors {run['errors']}, "
+                  f"dropped {run['dropped']}", file=sys.stderr)
+        if run["steady_fps"] is None:
+            print(f"[{bundle}] warning: run too short for heartbeat timing; using online->done fps "
+                  f"(includes ramp-up); raise --seconds or --max-frames", file=sys.stderr)
+        pipelines.append(run)
+    raw_runs = [b["throughput_fps"] for b in benches]
+    pipe_runs = [p["steady_fps"] if p["steady_fps"] is not None else p["online_to_done_fps"] for p in pipelines]
+    fallback = any(p["steady_fps"] is None for p in pipelines)
+    pipe_runs = [p for p in pipe_runs if p is not None]
+    raw_fps = statistics.median(raw_runs)
+    pipeline_fps = statistics.median(pipe_runs) if pipe_runs else None
+    bench = min(benches, key=lambda b: abs(b["throughput_fps"] - raw_fps))  # the median run's details
+    typical = min(pipelines, key=lambda p: abs((p["steady_fps"] or p["online_to_done_fps"] or 0) - (pipeline_fps or 0)))
+    stages = None
+    if args.stages:
+        print(f"[{bundle}] per-stage costs ...", file=sys.stderr)
+        stages = stage_costs(bundle, video, args.device)
+    return {
+        "name": bundle.name, "bundle": str(bundle.resolve()), "precision": bench["model"]["precision"],
+        "algorithm": bench["model"]["algorithm"], "backbone": bench["model"]["backbone"], "input": bench["input"],
+        "raw_fps": raw_fps, "raw_fps_runs": raw_runs, "pipeline_fps": pipeline_fps, "pipeline_fps_runs": pipe_runs,
+        "pipeline_fps_from": "online->done (run too short for heartbeats)" if fallback else "heartbeats",
+        "ratio": (pipeline_fps / raw_fps) if pipeline_fps and raw_fps else None,
+        "bench": bench, "pipeline": typical, "pipeline_runs": pipelines, "stages": stages,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
