@@ -119,7 +119,7 @@ class Link:
             detail = self._last_error or "closed"
             if "ssl" in detail.lower():  # the broker rejected us after the handshake, e.g. no client certificate
                 detail = "TLS error: " + detail.split("] ", 1)[-1].split(": ", 1)[-1].split(" (_ssl.c")[0]
-                if "alert" in detail and not self.settings.cert:
+                if not self.settings.cert:
                     detail += " (does the broker require a client certificate? see --mqtt-cert)"
             return f"connection ended before CONNACK: {detail}" if not detail.startswith("TLS") else detail, False
         return f"no CONNACK within {self.connack_timeout:.0f} s", False

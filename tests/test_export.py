@@ -8,6 +8,7 @@ test_bundle.py (through export_run and the CLI), real pretrained features in tes
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -85,7 +86,9 @@ def exported(tmp_path_factory):
             cache[(algorithm, backbone)] = (model, IrRunner.open(xml), xml)
         return cache[(algorithm, backbone)]
 
-    return get
+    yield get
+    cache.clear()
+    backbone_instance.cache_clear()  # release the wide_resnet50_2 weights for the rest of the session
 
 
 @pytest.mark.parametrize("algorithm,backbone", CASES, ids=[f"{a}-{b}" for a, b in CASES])

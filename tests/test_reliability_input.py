@@ -18,10 +18,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runtime_helpers import (  # noqa: F401  (fixtures)
-    MOSQUITTO, Broker, Subscriber, bundle_dir, jsonl, make_frame, run_cli, start_cli, wait_until, write_video,
+    MOSQUITTO, Broker, Subscriber, bundle_dir, jsonl, make_frame, start_cli, wait_until, write_video,
 )
 
-from edge_ad.config import FIELD_NAMES, RunConfig, build_config, load_config_file
+from edge_ad.config import FIELD_NAMES, RunConfig, build_config
 from edge_ad.errors import ConfigError
 from edge_ad.events import Topics
 from edge_ad.inference import Detector
@@ -202,7 +202,21 @@ def test_a_camera_that_disappears_and_comes_back_is_picked_up_again(tmp_path):
     assert "cannot open" in states[0][1]
 
 
-def test_image_folder_with_hostile_files_goes_on(tmp_path, caplog):
+def png_bomb() -> bytes:
+    """A valid PNG header claiming 50000x50000 pixels: OpenCV refuses it with an exception."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_image_folder_with_hostile_files_goes_on(tmp_path, monkeypatch):
+    import edge_ad.images
+
     folder = tmp_path / "inbox"
     folder.mkdir()
     good = make_frame([(10, 10, 20, 20)])
@@ -217,6 +231,17 @@ def test_image_folder_with_hostile_files_goes_on(tmp_path, caplog):
     cv2.imwrite(str(folder / "07-vanishes.png"), good)
     cv2.imwrite(str(folder / "08-good.bmp"), good)
     (folder / "09-link.png").symlink_to(folder / "nowhere.png")  # dangling
+    (folder / "10-bomb.png").write_bytes(png_bomb())
+    cv2.imwrite(str(folder / "11-locked.png"), good)
+    real_fromfile = np.fromfile
+
+    def fromfile(path, *args, **kwargs):  # the tests run as root: simulate a file we may not read
+        if str(path).endswith("11-locked.png"):
+            raise PermissionError(13, "Permission denied")
+        return real_fromfile(path, *args, **kwargs)
+
+    monkeypatch.setattr(edge_ad.images.np, "fromfile", fromfile)
+    cv2.imwrite(str(folder / "12-good.png"), good)
     source = ImageFolderSource(str(folder))
     source.open()
     names = []
@@ -225,7 +250,8 @@ def test_image_folder_with_hostile_files_goes_on(tmp_path, caplog):
         if frame.name == "02-rgba.png":
             (folder / "07-vanishes.png").unlink()  # removed between listing and reading
         assert frame.image.dtype == np.uint8 and preprocess(frame.image, PreprocessSpec.square(32)).shape == (3, 32, 32)
-    assert names[:3] == ["00-good.png", "01-16bit.png", "02-rgba.png"] and names[-1] == "08-good.bmp"
+    assert names[:3] == ["00-good.png", "01-16bit.png", "02-rgba.png"] and names[-2:] == ["08-good.bmp", "12-good.png"]
+    assert "10-bomb.png" not in names and "11-locked.png" not in names
     assert "07-vanishes.png" not in names and "06-dir.png" not in names
     assert source.skipped == len(source.paths) - len(names) >= 3
 

@@ -90,7 +90,8 @@ def evaluate_and_save(
     metrics = test_metrics(test, thresholds.image, data.has_masks)
 
     run_dir = runs.new_run_dir(config.out, config.algorithm, config.backbone, config.category)
-    saved_config = config.to_dict() | (extra_config or {})
+    # An absolute data root lets export and calibration find the data from any working directory.
+    saved_config = config.to_dict() | {"data_root": str(Path(config.data_root).resolve())} | (extra_config or {})
     metrics_json = {
         **metrics,
         "thresholds": thresholds.__dict__,
