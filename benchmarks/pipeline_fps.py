@@ -1,27 +1,29 @@
 """End-to-end frames per second of `edge-ad` on a video, against the raw model throughput of `edge-ad bench`.
 
 Why: `edge-ad bench` times the model alone. On the line the same CPU cores also
-decode video, preprocess every frame (resize, colour order, float), decide
-(thresholds, defect regions, alert policy) and publish over MQTT. This runs the
-real command as an operator would and reports pipeline / model (target >= 90 %).
+decode video, resize every frame, decide (thresholds, defect regions, alert
+policy) and publish over MQTT. This runs the real command as an operator would
+and reports pipeline / model (target >= 90 %).
 
     python -m benchmarks.pipeline_fps --model bundles/stfpm-fp32 --model bundles/stfpm-int8 --json out.json
 
 How it measures (start-up excluded, nothing estimated):
-- raw model fps: `edge-ad bench --model B --mode M --json` -> `throughput_fps` (AsyncInferQueue with
-  OpenVINO's optimal number of requests, one constant tensor: no decode, no preprocessing).
+- raw model fps: `edge-ad bench --model B --mode M --json` -> `throughput_fps`: the model compiled exactly
+  as `edge-ad run` compiles it (uint8 input with the pixel conversion in the graph, same performance hint,
+  inference precision and number of requests), one constant input: no decode, no resize.
 - pipeline fps: `edge-ad --video V --model B --mode M --mqtt-host 127.0.0.1 --mqtt-port P` in a
-  subprocess, every frame processed (no --realtime: file sources block instead of dropping). edge-ad
-  prints no machine-readable summary, so its heartbeats are used (`--heartbeat 0.5`; its ticker checks
-  once a second, so about one per second), each carrying `processed` and a millisecond timestamp:
-  fps = frames processed between the first heartbeat with frames done and the final heartbeat (sent
-  after the last frame was decided and published) / time between them. Model compilation, broker
-  connection and the first second of frames are excluded. Heartbeats come from the broker (a subscriber
-  here also counts the alerts that arrived, proof that publishing was real) or, with --no-mqtt, from a
-  --jsonl file. `online->done fps` (from the `online` status to the final heartbeat) is reported too.
-- per-frame stage costs: decode, preprocess, sync inference and decision, single-threaded in this
-  process at the video's frame size, to show where the time goes (the capture thread decodes and
-  preprocesses serially, so 1000 / (decode + preprocess) ms is a ceiling for the pipeline).
+  subprocess, every frame processed (no --realtime: file sources block instead of dropping). edge-ad's
+  final heartbeat is its run summary: `fps_avg` = frames after the first / `elapsed_s`, the time from the
+  first to the last decided frame (so model compilation and broker connection are excluded; the
+  pipeline filling up is included). The heartbeats' own rate (`--heartbeat 0.5`: frames processed between
+  the first heartbeat with frames done and the final heartbeat, over the time between them, which also
+  skips the first second) is reported beside it as a cross-check, and is what older edge-ad builds
+  without `fps_avg` are measured by. Heartbeats come from the broker (a subscriber here also counts the
+  alerts that arrived, proof that publishing was real) or, with --no-mqtt, from a --jsonl file.
+- per-frame stage costs: decode, the host's part of preprocessing (the resize; colour order, float and
+  layout run inside the compiled model), sync inference and decision, single-threaded in this process at
+  the video's frame size, to show where the time goes. Decoding (capture thread) and resizing
+  (preprocessing threads) overlap, so 1000 / max(decode, resize / threads) ms is the host's ceiling.
 
 Without --video a synthetic MJPG .avi is written: a mid-gray texture drifting one pixel per frame (so
 every frame decodes differently) at --size (default 640x480), with a white "defect" rectangle in 5 of
@@ -294,11 +296,12 @@ def _tail(text: str, lines: int = 6) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_bench(bundle: Path, mode: str, device: str, seconds: float, timeout: float) -> dict:
+def run_bench(bundle: Path, mode: str, device: str, seconds: float, timeout: float, precision: str | None = None) -> dict:
     """`edge-ad bench --json`; its throughput phase gets seconds / 2."""
     load_before = load_average()
+    extra = ["--inference-precision", precision] if precision else []
     proc = subprocess.run(_edge_ad("bench", "--model", bundle, "--mode", mode, "--device", device,
-                                   "--seconds", seconds, "--json"),
+                                   "--seconds", seconds, "--json", *extra),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_env())
     if proc.returncode != 0:
         raise BenchmarkError(f"edge-ad bench on {bundle} exited {proc.returncode}:\n{_tail(proc.stderr)}")
@@ -312,14 +315,15 @@ def _utc(stamp: str) -> float:
 
 
 def fps_from_events(events: list[dict]) -> dict:
-    """Steady-state fps from heartbeats; see the module docstring."""
+    """The run's fps from its final heartbeat (fps_avg), and the heartbeats' own rate; see the module docstring."""
     beats = [e for e in events if e.get("event") == "heartbeat"]
     online = next((e for e in events if e.get("event") == "status" and e.get("state") == "online"), None)
     if not beats:
         raise BenchmarkError("edge-ad published no heartbeat; cannot measure its frame rate")
     final = beats[-1]
     working = [b for b in beats if b["processed"] > 0]
-    result = {"processed": final["processed"], "heartbeats": len(beats), "final": final, "steady_fps": None,
+    result = {"processed": final["processed"], "heartbeats": len(beats), "final": final,
+              "fps_avg": final.get("fps_avg"), "elapsed_s": final.get("elapsed_s"), "steady_fps": None,
               "steady_frames": 0, "steady_seconds": 0.0, "online_to_done_fps": None}
     if working:
         first = working[0]
@@ -331,17 +335,25 @@ def fps_from_events(events: list[dict]) -> dict:
         span = _utc(final["timestamp"]) - _utc(online["timestamp"])
         if span > 0:
             result["online_to_done_fps"] = final["processed"] / span
+    if result["fps_avg"] is not None:
+        result["pipeline_fps"], result["pipeline_fps_from"] = result["fps_avg"], "fps_avg"
+    elif result["steady_fps"] is not None:
+        result["pipeline_fps"], result["pipeline_fps_from"] = result["steady_fps"], "heartbeats"
+    else:
+        result["pipeline_fps"], result["pipeline_fps_from"] = result["online_to_done_fps"], "online->done"
     return result
 
 
 def run_pipeline(bundle: Path, video: Path, *, mode: str, device: str, max_frames: int | None, broker: Mosquitto | None,
-                 workdir: Path, run_id: str, timeout: float) -> dict:
+                 workdir: Path, run_id: str, timeout: float, precision: str | None = None) -> dict:
     """One `edge-ad --video` run as fast as possible; fps from its heartbeats, CPU time from rusage."""
     device_id = f"pipeline-fps-{run_id}"
     args = ["--video", video, "--model", bundle, "--mode", mode, "--device", device, "--heartbeat", "0.5",
             "--device-id", device_id, "--camera-id", CAMERA_ID, "--log-level", "info"]
     if max_frames:
         args += ["--max-frames", max_frames]
+    if precision:
+        args += ["--inference-precision", precision]
     jsonl = workdir / f"events-{run_id}.jsonl"
     subscriber = None
     if broker is not None:
@@ -375,14 +387,14 @@ def run_pipeline(bundle: Path, video: Path, *, mode: str, device: str, max_frame
         events = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     result = fps_from_events(events)
     final = result.pop("final")
-    done = re.search(r"done: ([\d.]+) fps", proc.stderr)
+    summary = re.search(r"run summary: .*", proc.stderr)
     result.update(
         wall_s=round(wall, 2), cpu_s=round(cpu, 2), cpu_cores_used=round(cpu / wall, 2) if wall else None,
         anomalous=final.get("anomalous"), alerts=final.get("alerts"), dropped=final.get("dropped"),
         errors=final.get("errors"), skipped=final.get("skipped"), latency_ms=final.get("latency_ms"),
         e2e_latency_ms=final.get("e2e_latency_ms"),
         alerts_received=sum(e.get("event") == "alert" for e in events) if broker is not None else None,
-        last_5s_fps_reported=float(done.group(1)) if done else None,
+        summary_line=summary.group(0) if summary else None, compiled=_compiled(proc.stderr),
         requests_in_flight=_requests(proc.stderr), load_average=[load_before, load_average()],
     )
     return result
@@ -393,11 +405,16 @@ def _requests(stderr: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60) -> dict:
-    """Single-threaded median ms per frame of each stage at the video's frame size: where the time goes."""
-    import openvino as ov
+def _compiled(stderr: str) -> str | None:
+    """edge-ad's start-up line on how it compiled the model (requests, streams, precision, input)."""
+    match = re.search(r"request\(s\) in flight[^)]*\)", stderr)
+    return match.group(0) if match else None
 
-    from edge_ad.inference import compile_model, load_model
+
+def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60, precision: str | None = None) -> dict:
+    """Single-threaded median ms per frame of each stage at the video's frame size: where the time goes."""
+    from edge_ad.inference import compile_bundle
+    from edge_ad.pipeline import default_prepare_threads
     from edge_ad.preprocess import preprocess
     from edge_ad.scoring import Scorer
 
@@ -419,41 +436,47 @@ def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60
     cap.release()
     if not images:
         raise BenchmarkError(f"cannot decode {video}")
-    core = ov.Core()
-    bundle_info, model = load_model(bundle, core)
-    spec = bundle_info.preprocess
-    request = compile_model(core, model, device, "latency").create_infer_request()
-    name = bundle_info.model.input_name
-    scorer = Scorer(bundle_info.thresholds)
-    prep, resize, infer, decide, decide_anomalous = [], [], [], [], []
-    interpolation = cv2.INTER_AREA if images[0].shape[0] >= spec.height and images[0].shape[1] >= spec.width \
-        else cv2.INTER_LINEAR
+    built = compile_bundle(bundle, device, "latency", precision)
+    spec = built.bundle.preprocess
+    request = built.compiled.create_infer_request()
+    name = built.bundle.model.input_name
+    scorer = Scorer(built.bundle.thresholds)
+    prepare, full, infer, decide, decide_anomalous, regions = [], [], [], [], [], []
     for image in images:
         start = time.perf_counter()
-        tensor = preprocess(image, spec)[None]
-        prep.append(time.perf_counter() - start)
+        tensor = built.prepare(image, spec)[None]
+        prepare.append(time.perf_counter() - start)
         start = time.perf_counter()
-        cv2.resize(image, (spec.width, spec.height), interpolation=interpolation)
-        resize.append(time.perf_counter() - start)
+        preprocess(image, spec)
+        full.append(time.perf_counter() - start)
         start = time.perf_counter()
         request.infer({name: tensor})
         infer.append(time.perf_counter() - start)
-        amap = np.array(request.get_tensor(bundle_info.model.outputs[0]).data, dtype=np.float32).reshape(spec.height, spec.width)
-        score = float(np.asarray(request.get_tensor(bundle_info.model.outputs[1]).data).reshape(-1)[0])
+        amap = np.array(request.get_tensor(built.bundle.model.outputs[0]).data, dtype=np.float32)
+        amap = amap.reshape(amap.shape[-2:])
+        score = float(np.asarray(request.get_tensor(built.bundle.model.outputs[1]).data).reshape(-1)[0])
         start = time.perf_counter()
-        decision = scorer.decide(amap, score, image.shape[:2])
+        decision = scorer.decide(amap, score, image.shape[:2], with_regions=False)  # as the pipeline does
         (decide_anomalous if decision.anomalous else decide).append(time.perf_counter() - start)
-    capture = statistics.median(d + p for d, p in zip(decode, prep))
-    capture_min = min(decode) + min(prep)
+        if decision.anomalous:
+            start = time.perf_counter()
+            scorer.regions(amap, image.shape[:2])  # what an alert adds
+            regions.append(time.perf_counter() - start)
+    threads = default_prepare_threads()
+
+    def ceiling(d, p):
+        slowest = max(d, p / threads)
+        return round(1.0 / slowest, 1) if slowest > 0 else None
+
     result = {"frames": len(images), "frame_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
-              "resize_interpolation": "INTER_AREA" if interpolation == cv2.INTER_AREA else "INTER_LINEAR",
+              "host_input": built.host_input, "prepare_threads": threads,
               "anomalous_frames": len(decide_anomalous), "opencv_threads": cv2.getNumThreads(),
-              "capture_thread_ceiling_fps": round(1.0 / capture, 1) if capture > 0 else None,
-              "capture_thread_ceiling_fps_uncontended": round(1.0 / capture_min, 1) if capture_min > 0 else None}
-    for name, samples in (("decode", decode), ("preprocess", prep), ("resize", resize), ("infer_sync", infer),
-                          ("decide_normal", decide), ("decide_anomalous", decide_anomalous)):
-        result[f"{name}_ms"] = median_ms(samples)
-        result[f"{name}_min_ms"] = min_ms(samples)
+              "host_ceiling_fps": ceiling(statistics.median(decode), statistics.median(prepare)),
+              "host_ceiling_fps_uncontended": ceiling(min(decode), min(prepare))}
+    for key, samples in (("decode", decode), ("prepare", prepare), ("preprocess_full", full), ("infer_sync", infer),
+                         ("decide_normal", decide), ("decide_anomalous", decide_anomalous), ("regions", regions)):
+        result[f"{key}_ms"] = median_ms(samples)
+        result[f"{key}_min_ms"] = min_ms(samples)
     return result
 
 
@@ -476,9 +499,10 @@ def markdown(report: dict) -> str:
         f"Video: {v['size']} {v['codec']}, {v['frames']} frames ({v['origin']}); mode {report['mode']}, device "
         f"{report['device']}; publishing: {report['publishing']}",
         "",
-        "| bundle | precision | input | raw model fps (bench) | pipeline fps | ratio (target >= 90 %) | frames | "
-        "anomalous | alerts sent/recv | edge-ad CPU cores | 1-min load (bench; pipeline) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| bundle | precision | input | raw model fps (bench) | pipeline fps | ratio (target >= 90 %) | "
+        "heartbeat fps | frames | anomalous | alerts sent/recv | requests bench/run | edge-ad CPU cores | "
+        "1-min load (bench; pipeline) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["results"]:
         ratio = row["ratio"]
@@ -489,24 +513,28 @@ def markdown(report: dict) -> str:
         if len(row["pipeline_fps_runs"]) > 1:
             spread = f" ({min(row['pipeline_fps_runs']):.1f}-{max(row['pipeline_fps_runs']):.1f})"
         anomalous = f"{100.0 * p['anomalous'] / p['processed']:.0f} %" if p["processed"] else "-"
-        if row["pipeline_fps_from"] != "heartbeats":
-            spread += " (online->done: short run, includes ramp-up)"
+        if row["pipeline_fps_from"] != "fps_avg":
+            spread += f" (from {row['pipeline_fps_from']})"
+        steady = [r["steady_fps"] for r in row["pipeline_runs"] if r["steady_fps"] is not None]
         lines.append(
             f"| {row['name']} | {row['precision']} | {row['input']} | {_fmt(row['raw_fps'])} | "
             f"{_fmt(row['pipeline_fps'])}{spread} | {_fmt(None if ratio is None else 100 * ratio, '.0f')} %{verdict} | "
-            f"{p['processed']} | {anomalous} | {p['alerts']}/{recv} | {_fmt(p['cpu_cores_used'], '.2f')} | "
-            f"{_load(row['bench']['load_average'])}; {_load(p['load_average'])} |")
+            f"{_fmt(statistics.median(steady) if steady else None)} | {p['processed']} | {anomalous} | "
+            f"{p['alerts']}/{recv} | {row['bench'].get('requests_in_flight', '-')}/{_fmt(p['requests_in_flight'], 'd')} | "
+            f"{_fmt(p['cpu_cores_used'], '.2f')} | {_load(row['bench']['load_average'])}; {_load(p['load_average'])} |")
     if not any(row.get("stages") for row in report["results"]):
         return "\n".join(lines + ["", f"Load average at end: {report['load_average_end']}"])
+    threads = next(row["stages"]["prepare_threads"] for row in report["results"] if row.get("stages"))
     lines += [
         "",
         f"Per-frame stage costs at {v['size']}, ms, single thread, median (min = uncontended) over the first "
-        "frames of the video; the capture thread runs decode + preprocess serially, so 1000 / their sum caps "
-        "the pipeline:",
+        f"frames of the video. The host only resizes (colour, float, layout run in the compiled model); decoding "
+        f"(capture thread) overlaps resizing ({threads} preprocessing thread(s)), so 1000 / max(decode, resize / "
+        "threads) caps the pipeline; regions are computed only for alerts (and for --roi-mask/--min-area):",
         "",
-        "| bundle | decode | preprocess | of which resize | infer (sync, 1 request) | decide normal | "
-        "decide anomalous | capture-thread ceiling fps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| bundle | decode | resize (host part) | full preprocess (old host path) | infer (sync, 1 request) | "
+        "decide normal | decide anomalous | regions (per alert) | host ceiling fps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(s, name):
@@ -517,10 +545,9 @@ def markdown(report: dict) -> str:
         if not s:
             continue
         lines.append(
-            f"| {row['name']} | {cell(s, 'decode')} | {cell(s, 'preprocess')} | {cell(s, 'resize')} "
-            f"{s['resize_interpolation']} | {cell(s, 'infer_sync')} | {cell(s, 'decide_normal')} | "
-            f"{cell(s, 'decide_anomalous')} | {_fmt(s['capture_thread_ceiling_fps'])} "
-            f"({_fmt(s['capture_thread_ceiling_fps_uncontended'])}) |")
+            f"| {row['name']} | {cell(s, 'decode')} | {cell(s, 'prepare')} | {cell(s, 'preprocess_full')} | "
+            f"{cell(s, 'infer_sync')} | {cell(s, 'decide_normal')} | {cell(s, 'decide_anomalous')} | "
+            f"{cell(s, 'regions')} | {_fmt(s['host_ceiling_fps'])} ({_fmt(s['host_ceiling_fps_uncontended'])}) |")
     lines += ["", f"Load average at end: {report['load_average_end']}"]
     return "\n".join(lines)
 
@@ -550,6 +577,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("throughput", "latency"), default="throughput",
                         help="OpenVINO performance hint for both bench and pipeline (default: throughput)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
+    parser.add_argument("--inference-precision", choices=("auto", "f32", "bf16", "f16"), default=None,
+                        help="passed to both edge-ad bench and edge-ad (default: edge-ad's, f32 on CPU)")
     parser.add_argument("--mqtt", action=argparse.BooleanOptionalAction, default=None,
                         help="publish to a throw-away mosquitto on a loopback port (default: on when mosquitto "
                              "is installed; --no-mqtt writes JSON lines to a file instead)")
@@ -625,37 +654,38 @@ def measure_bundle(args, bundle: Path, video: Path, video_count: int, broker, wo
     benches, pipelines = [], []
     for rep in range(args.repeat):
         print(f"[{bundle}] edge-ad bench ({args.mode}, {args.bench_seconds:g} s) ...", file=sys.stderr)
-        benches.append(run_bench(bundle, args.mode, args.device, args.bench_seconds, args.timeout))
+        benches.append(run_bench(bundle, args.mode, args.device, args.bench_seconds, args.timeout,
+                                 args.inference_precision))
         raw = benches[-1]["throughput_fps"]
         frames = args.max_frames or int(min(video_count, max(150, raw * args.seconds)))
         frames = min(frames, video_count)
         print(f"[{bundle}] edge-ad --video ({frames} frames, raw {raw:.1f} fps) ...", file=sys.stderr)
         run = run_pipeline(bundle, video, mode=args.mode, device=args.device, max_frames=frames, broker=broker,
-                           workdir=workdir, run_id=f"{index}-{rep}", timeout=args.timeout)
+                           workdir=workdir, run_id=f"{index}-{rep}", timeout=args.timeout,
+                           precision=args.inference_precision)
         if run["processed"] != frames or run["errors"] or run["dropped"]:
             print(f"[{bundle}] warning: processed {run['processed']} of {frames} frames, errors {run['errors']}, "
                   f"dropped {run['dropped']}", file=sys.stderr)
-        if run["steady_fps"] is None:
-            print(f"[{bundle}] warning: run too short for heartbeat timing; using online->done fps "
-                  f"(includes ramp-up); raise --seconds or --max-frames", file=sys.stderr)
+        if run["pipeline_fps_from"] != "fps_avg":
+            print(f"[{bundle}] warning: no fps_avg in the final heartbeat (older edge-ad?); using "
+                  f"{run['pipeline_fps_from']}", file=sys.stderr)
         pipelines.append(run)
     raw_runs = [b["throughput_fps"] for b in benches]
-    pipe_runs = [p["steady_fps"] if p["steady_fps"] is not None else p["online_to_done_fps"] for p in pipelines]
-    fallback = any(p["steady_fps"] is None for p in pipelines)
-    pipe_runs = [p for p in pipe_runs if p is not None]
+    pipe_runs = [p["pipeline_fps"] for p in pipelines if p["pipeline_fps"] is not None]
+    sources = sorted({p["pipeline_fps_from"] for p in pipelines})
     raw_fps = statistics.median(raw_runs)
     pipeline_fps = statistics.median(pipe_runs) if pipe_runs else None
     bench = min(benches, key=lambda b: abs(b["throughput_fps"] - raw_fps))  # the median run's details
-    typical = min(pipelines, key=lambda p: abs((p["steady_fps"] or p["online_to_done_fps"] or 0) - (pipeline_fps or 0)))
+    typical = min(pipelines, key=lambda p: abs((p["pipeline_fps"] or 0) - (pipeline_fps or 0)))
     stages = None
     if args.stages:
         print(f"[{bundle}] per-stage costs ...", file=sys.stderr)
-        stages = stage_costs(bundle, video, args.device)
+        stages = stage_costs(bundle, video, args.device, precision=args.inference_precision)
     return {
         "name": bundle.name, "bundle": str(bundle.resolve()), "precision": bench["model"]["precision"],
         "algorithm": bench["model"]["algorithm"], "backbone": bench["model"]["backbone"], "input": bench["input"],
         "raw_fps": raw_fps, "raw_fps_runs": raw_runs, "pipeline_fps": pipeline_fps, "pipeline_fps_runs": pipe_runs,
-        "pipeline_fps_from": "online->done (run too short for heartbeats)" if fallback else "heartbeats",
+        "pipeline_fps_from": "+".join(sources),
         "ratio": (pipeline_fps / raw_fps) if pipeline_fps and raw_fps else None,
         "bench": bench, "pipeline": typical, "pipeline_runs": pipelines, "stages": stages,
     }

@@ -50,17 +50,27 @@ class Recipe:
         return asdict(self)
 
 
-# The steps measured on MVTec bottle (README_SECTION.md); "default" is what the CLI uses.
+# The steps measured on MVTec bottle (README_SECTION.md), in the order they were tried.
+# "recommended" is the CLI default: every step that measurably helped, nothing that did not.
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        Recipe("plain", "nncf.quantize of the whole graph (PERFORMANCE preset)", preset="performance", keep_head_fp32=False),
+        Recipe("plain", "nncf.quantize of the whole graph, NNCF defaults (PERFORMANCE preset)",
+               preset="performance", keep_head_fp32=False),
         Recipe("head-fp32", "anomaly head kept FP32 (IgnoredScope), PERFORMANCE preset", preset="performance"),
         Recipe("head-fp32-mixed", "anomaly head FP32, MIXED preset (asymmetric activations)"),
-        Recipe("weights-only", "nncf.compress_weights INT8_ASYM: weights INT8, activations FP32", weights_only=True),
+        Recipe("head-fp32-mixed-w7", "+ OverflowFix.ENABLE: every weight on a 7-bit grid, so u8 x s8 pair sums "
+               "cannot saturate int16 on CPUs without VNNI", overflow_fix="enable"),
+        Recipe("head-fp32-mixed-w7-first", "+ first convolution(s) kept FP32 (input quantization noise)",
+               overflow_fix="enable", keep_first_conv_fp32=True),
+        Recipe("recommended", "anomaly head and first convolution FP32, MIXED preset, 7-bit weights "
+               "(OverflowFix.ENABLE), full BiasCorrection", overflow_fix="enable", keep_first_conv_fp32=True,
+               fast_bias_correction=False),
+        Recipe("weights-only", "nncf.compress_weights INT8_ASYM: weights INT8, activations FP32 (size, not speed)",
+               weights_only=True),
     )
 }
-DEFAULT_RECIPE = "head-fp32-mixed"
+DEFAULT_RECIPE = "recommended"
 
 
 def ignored_scope(model: ov.Model, recipe: Recipe) -> tuple[object | None, dict]:
@@ -174,33 +184,32 @@ def quantize_ptq(model: ov.Model, images: np.ndarray, recipe: Recipe, subset_siz
 
 @dataclass
 class Fp32Reference:
-    """FP32 IR outputs on the validation (normal) images, the yardstick of accuracy control.
+    """FP32 IR outputs on the validation (normal) images: the yardstick of accuracy control.
 
-    The validation split has no anomalies, so no AUROC can be computed on it. What can be
-    measured is how faithfully the INT8 model reproduces the FP32 model on normal images:
-    per image, agreement = 1 - (map NMSE + score NSE) / 2, with errors normalized by the FP32
-    spread over the validation images (std of all map pixels, std of the scores). 1 means
-    identical outputs; an INT8 error as large as the natural variation of normal images gives 0.
-    Normalizing by normal-image spread is deliberately strict: anomalies lie far outside it.
+    The validation split has no anomalies, so no AUROC can be computed on it. What normal
+    images can measure is how faithfully the INT8 model reproduces the FP32 model:
+    per image, agreement = 1 - (NMSE(map) + NMSE(score)) / 2, with the usual normalized MSE
+    NMSE(x) = mean((x_int8 - x_fp32)^2) / mean(x_fp32^2). 1 means identical outputs, 0 means
+    the INT8 error carries as much power as the FP32 output itself. It is computed per image
+    (NNCF's accuracy control evaluates single images when ranking quantizers) and averaged.
+    On MVTec bottle the recommended recipe scores 0.96-0.98, weights-only INT8 0.97-0.99, and
+    the recipes that lose test AUROC score below 0 (see README_SECTION.md).
     """
 
     maps: np.ndarray  # (N, H, W)
     scores: np.ndarray  # (N,)
-    map_scale: float
-    score_scale: float
 
     @classmethod
     def from_outputs(cls, maps: np.ndarray, scores: np.ndarray) -> "Fp32Reference":
-        maps = np.asarray(maps, dtype=np.float64)
-        scores = np.asarray(scores, dtype=np.float64)
-        map_scale = float(maps.std()) or 1.0
-        score_scale = float(scores.std()) if len(scores) > 1 and scores.std() > 0 else (abs(float(scores.mean())) or 1.0)
-        return cls(maps=maps, scores=scores, map_scale=map_scale, score_scale=score_scale)
+        return cls(maps=np.asarray(maps, dtype=np.float64), scores=np.asarray(scores, dtype=np.float64))
 
     def agreement(self, index: int, amap: np.ndarray, score: float) -> float:
-        map_nmse = float(np.mean((np.asarray(amap, np.float64).reshape(self.maps.shape[1:]) - self.maps[index]) ** 2)) / self.map_scale**2
-        score_nse = ((float(score) - float(self.scores[index])) / self.score_scale) ** 2
-        return 1.0 - 0.5 * (map_nmse + score_nse)
+        reference = self.maps[index]
+        error = np.asarray(amap, np.float64).reshape(reference.shape) - reference
+        map_nmse = float(np.mean(error**2)) / max(float(np.mean(reference**2)), 1e-30)
+        ref_score = float(self.scores[index])
+        score_nmse = (float(score) - ref_score) ** 2 / max(ref_score**2, 1e-30)
+        return 1.0 - 0.5 * (map_nmse + score_nmse)
 
     def agreement_all(self, maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return np.array([self.agreement(i, maps[i], scores[i]) for i in range(len(self.scores))])

@@ -303,7 +303,7 @@ def quantize_bundle(config: QuantizeConfig):
         "ignored_scope": scope,
         "fake_quantize_nodes": n_fq,
         "accuracy_control": {
-            "metric": "mean over validation images of 1 - (map NMSE + score NSE)/2 vs the FP32 IR, errors normalized by the FP32 validation std",
+            "metric": "mean over validation images of 1 - (NMSE(map) + NMSE(score)) / 2 vs the FP32 IR (NMSE = mean squared error / mean square of the FP32 output)",
             "max_drop": config.max_drop,
         } if config.mode == "accuracy-control" else None,
         "validation_agreement": {

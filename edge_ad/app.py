@@ -81,12 +81,16 @@ def run(config: RunConfig) -> int:
             roi = RoiMask.load(config.roi_mask)
         except ValueError as exc:
             raise ConfigError(f"--roi-mask: {exc}") from None
-    detector = Detector(config.model, device=config.device, mode=config.mode, requests=config.requests)
+    detector = Detector(config.model, device=config.device, mode=config.mode, requests=config.requests,
+                        precision=config.inference_precision)
     bundle = detector.bundle
-    log.info("model %s/%s %s from %s on %s (%s mode, %d request(s) in flight)", bundle.model.algorithm,
-             bundle.model.backbone, bundle.model.precision, config.model, config.device, config.mode,
-             detector.requests)
-    scorer = Scorer(bundle.thresholds, config.image_threshold, config.pixel_threshold, config.min_area, roi)
+    log.info("model %s/%s %s from %s on %s (%s mode, %d request(s) in flight, OpenVINO optimum %d, %s streams, "
+             "inference precision %s, input %s)", bundle.model.algorithm, bundle.model.backbone,
+             bundle.model.precision, config.model, config.device, config.mode, detector.requests,
+             detector.optimal_requests, detector.streams if detector.streams is not None else "?",
+             detector.precision, detector.host_input)
+    scorer = Scorer(bundle.thresholds, config.image_threshold, config.pixel_threshold, config.min_area, roi,
+                    config.max_regions)
     try:
         policy = AlertPolicy(config.alert_n, config.alert_m, config.cooldown_value, config.clear_after)
     except ValueError as exc:

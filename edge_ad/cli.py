@@ -16,7 +16,7 @@ import sys
 
 from edge_ad import __version__
 from edge_ad.bundle import BundleError
-from edge_ad.config import MODES, MQTT_VERSIONS, PASSWORD_ENV, build_config, default, load_config_file
+from edge_ad.config import MODES, MQTT_VERSIONS, PASSWORD_ENV, PRECISIONS, build_config, default, load_config_file
 from edge_ad.errors import EXIT_RUNTIME, EXIT_USAGE, EdgeAdError, UsageError
 from edge_ad.statusline import setup_logging
 
@@ -30,6 +30,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+PRECISION_HELP = ("OpenVINO inference precision; auto = the device's own choice, which on CPUs with bf16 "
+                  "(AMX, AVX512-BF16) runs FP32 models in bf16 (default: f32 on CPU, so scores match the "
+                  "bundle's measured FP32 metrics and thresholds; auto elsewhere)")
 
 
 def _d(name: str) -> str:
@@ -103,6 +108,7 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
     model.add_argument("--mode", choices=MODES, help="OpenVINO performance hint" + _d("mode"))
     model.add_argument("--requests", type=int, metavar="N",
                        help="inference requests in flight (default: OpenVINO's optimum for the mode)")
+    model.add_argument("--inference-precision", choices=PRECISIONS, help=PRECISION_HELP)
 
     dec = parser.add_argument_group("decision")
     dec.add_argument("--image-threshold", type=float, metavar="T",
@@ -112,6 +118,9 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
                      help="normalized pixel score for defect regions" + _d("pixel_threshold"))
     dec.add_argument("--min-area", type=int, metavar="PX", help="ignore regions smaller than this (frame pixels)" + _d("min_area"))
     dec.add_argument("--roi-mask", metavar="PNG", help="region of interest image, nonzero = inspect (any size)")
+    dec.add_argument("--max-regions", type=int, metavar="K",
+                     help="defect regions an alert carries, largest first; the alert's regions_total counts all"
+                          + _d("max_regions"))
 
     pol = parser.add_argument_group("alert policy")
     pol.add_argument("--alert-n", type=int, metavar="N", help="alert when N of the last M frames are anomalous" + _d("alert_n"))
@@ -159,7 +168,8 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=6.0, metavar="S",
                         help="total measuring time, split between latency and throughput (default: 6)")
     parser.add_argument("--requests", type=int, default=0, metavar="N",
-                        help="requests in flight for throughput (default: OpenVINO's optimum)")
+                        help="requests in flight for throughput (default: OpenVINO's optimum, as edge-ad run)")
+    parser.add_argument("--inference-precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
     return parser
@@ -218,7 +228,8 @@ def cmd_bench(argv: list[str]) -> int:
         raise UsageError("--requests must be >= 0")
     from edge_ad.bench import benchmark, format_report, to_json
 
-    result = benchmark(args.model, device=args.device, mode=args.mode, seconds=args.seconds, requests=args.requests)
+    result = benchmark(args.model, device=args.device, mode=args.mode, seconds=args.seconds, requests=args.requests,
+                       precision=args.inference_precision)
     print(to_json(result) if args.json else format_report(result))
     return 0
 

@@ -24,6 +24,7 @@ from edge_ad.policy import Cooldown
 
 PASSWORD_ENV = "EDGE_AD_MQTT_PASSWORD"
 MODES = ("latency", "throughput")
+PRECISIONS = ("auto", "f32", "bf16", "f16")  # OpenVINO INFERENCE_PRECISION_HINT; auto = the device's choice
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MQTT_VERSIONS = ("3.1.1", "5")
 MAX_ID = 128  # device, camera, topic root: MQTT topics stay short and readable
@@ -47,10 +48,12 @@ class RunConfig:
     device: str = "CPU"
     mode: str = "latency"
     requests: int = 0  # 0 = OpenVINO's optimal number of in-flight requests
+    inference_precision: str | None = None  # None: f32 on CPU (scores match the bundle's FP32 metrics); else auto
     image_threshold: float = 0.5  # normalized; 0.5 = the bundle's raw threshold
     pixel_threshold: float = 0.5
     min_area: int = 1
     roi_mask: str | None = None
+    max_regions: int = 10  # regions an alert carries (largest first); regions_total says how many there were
     # alert policy
     alert_n: int = 3
     alert_m: int = 5
@@ -111,7 +114,7 @@ PATH_FIELDS = ("model", "video", "images", "roi_mask", "snapshots", "jsonl", "mq
 LIMITS = {"requests": 64, "alert_m": 100000, "clear_after": 100000, "mqtt_keepalive": 65535, "heartbeat": 86400.0,
           "retry_delay": 3600.0, "retry_max_delay": 86400.0, "mqtt_retry_delay": 3600.0,
           "mqtt_retry_max_delay": 86400.0, "status_interval": 86400.0, "outbox_max": 10_000_000,
-          "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6}
+          "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6, "max_regions": 1000}
 _HINTS = get_type_hints(RunConfig)
 
 
@@ -279,14 +282,17 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("no model: give --model BUNDLE_DIR (a folder with bundle.json, model.xml, model.bin)")
     if config.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    if config.inference_precision is not None and config.inference_precision not in PRECISIONS:
+        raise ConfigError(f"--inference-precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {config.inference_precision!r}")
     if config.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
     for name in ("image_threshold", "pixel_threshold"):
         value = getattr(config, name)
         if not 0.0 < value < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} is a normalized score and must be in (0, 1), got {value}")
-    for name in ("alert_n", "alert_m", "heartbeat", "min_area", "retry_delay", "retry_max_delay", "max_frames",
-                 "clear_after", "status_interval", "mqtt_keepalive", "mqtt_retry_delay", "snapshot_quality"):
+    for name in ("alert_n", "alert_m", "heartbeat", "min_area", "max_regions", "retry_delay", "retry_max_delay",
+                 "max_frames", "clear_after", "status_interval", "mqtt_keepalive", "mqtt_retry_delay", "snapshot_quality"):
         _positive(config, name)
     for name in ("source_retries", "mqtt_retries", "requests"):
         _positive(config, name, allow_zero=True)

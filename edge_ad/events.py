@@ -63,7 +63,9 @@ def model_identity(bundle: Bundle) -> dict:
 
 def alert_payload(*, device: str, camera: str, frame_index: int, utc: datetime, score: float, raw_score: float,
                   threshold: dict, regions: list[Region], model: dict, policy: dict,
-                  snapshot: str | None = None, event_id: str | None = None, source: str | None = None) -> dict:
+                  snapshot: str | None = None, event_id: str | None = None, source: str | None = None,
+                  regions_total: int | None = None) -> dict:
+    """`regions` holds the largest regions (capped); `regions_total` says how many the frame had."""
     return {
         "event": "alert",
         "schema": SCHEMA,
@@ -76,6 +78,7 @@ def alert_payload(*, device: str, camera: str, frame_index: int, utc: datetime, 
         "raw_score": round(float(raw_score), 6),
         "threshold": threshold,
         "regions": [region.to_dict() for region in regions],
+        "regions_total": len(regions) if regions_total is None else int(regions_total),
         "model": model,
         "policy": policy,
         "source": source,

@@ -5,6 +5,14 @@ consumer of `results`) overlap. The number of in-flight requests is bounded by
 the queue size: a live source that outpaces the model has its new frame dropped
 (and counted) instead of building up latency; a file source blocks until a
 request is free, so every frame is processed.
+
+The compiled model takes the resized frame as it is, uint8 NHWC BGR: colour
+order, float conversion, scaling and layout are prepended to the graph with
+OpenVINO's PrePostProcessor, so the host only resizes (`resize_for_model`)
+and the rest runs on the inference threads, fused with the first layer.
+On CPU, inference precision is pinned to f32 by default: on CPUs with bf16
+(AMX, AVX512-BF16) OpenVINO would otherwise run FP32 IRs in bf16, and field
+scores would no longer match the bundle's measured FP32 metrics and thresholds.
 """
 
 from __future__ import annotations
@@ -12,24 +20,29 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import openvino as ov
 import openvino.properties as props
 import openvino.properties.hint as hints
+from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from edge_ad.bundle import Bundle, BundleError, read_bundle, safe_member
 from edge_ad.errors import InferenceError, UsageError
-from edge_ad.preprocess import FrameError, preprocess
+from edge_ad.preprocess import FrameError, PreprocessSpec, preprocess, resize_for_model
 from edge_ad.sources import Frame
 
 log = logging.getLogger("edge_ad.inference")
 
 PERFORMANCE_MODES = {"latency": hints.PerformanceMode.LATENCY, "throughput": hints.PerformanceMode.THROUGHPUT}
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+PRECISIONS = ("auto", "f32", "bf16", "f16")  # INFERENCE_PRECISION_HINT; auto = OpenVINO's choice
+_PRECISION_TYPES = {"f32": ov.Type.f32, "bf16": ov.Type.bf16, "f16": ov.Type.f16}
 
 
 @dataclass
@@ -101,26 +114,115 @@ def check_runtime_fields(bundle: Bundle) -> None:
             raise BundleError(f"bundle.json thresholds.{name} must be a finite number, got {value!r}")
 
 
-def compile_model(core: ov.Core, model: ov.Model, device: str, mode: str) -> ov.CompiledModel:
-    """Compile with the performance hint for `mode` ("latency" | "throughput")."""
+def default_precision(device: str) -> str:
+    """f32 on CPU (bf16-capable CPUs would otherwise silently run FP32 IRs in bf16); the device's choice elsewhere."""
+    return "f32" if device.split(".")[0].strip().upper() == "CPU" else "auto"
+
+
+def compile_options(device: str, mode: str, precision: str | None = None) -> dict:
+    """The compile configuration: performance hint for `mode`, inference precision (None = default_precision)."""
+    precision = precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise UsageError(f"inference precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    options = {hints.performance_mode: PERFORMANCE_MODES[mode]}
+    if precision != "auto":
+        options[hints.inference_precision] = _PRECISION_TYPES[precision]
+    return options
+
+
+def compile_model(core: ov.Core, model: ov.Model, device: str, mode: str,
+                  precision: str | None = None) -> ov.CompiledModel:
+    """Compile with the performance hint for `mode` ("latency" | "throughput") and the inference precision."""
     check_device(core, device)
     try:
-        return core.compile_model(model, device, {hints.performance_mode: PERFORMANCE_MODES[mode]})
+        return core.compile_model(model, device, compile_options(device, mode, precision))
     except RuntimeError as exc:
         raise InferenceError(f"OpenVINO cannot compile the model for {device}: {_first_line(exc)}") from None
 
 
+def with_uint8_input(model: ov.Model, spec: PreprocessSpec, input_name: str) -> ov.Model:
+    """The model with `spec`'s pixel conversion in front: input 1xHxWx3 uint8 BGR (a resized frame as is).
+
+    Same arithmetic as `edge_ad.preprocess.preprocess` after its resize: uint8 -> f32,
+    BGR -> RGB when the bundle wants RGB, times the float32 scale, NHWC -> NCHW.
+    """
+    ppp = PrePostProcessor(model)
+    port = ppp.input(input_name)
+    port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+    port.model().set_layout(ov.Layout("NCHW"))
+    steps = port.preprocess().convert_element_type(ov.Type.f32)
+    if spec.color == "RGB":
+        steps.convert_color(ColorFormat.RGB)
+    scale = ov.op.Constant(np.array(spec.scale, dtype=np.float32))
+    steps.custom(lambda node: ov.opset13.multiply(node, scale).output(0))  # x * float32(scale), as preprocess() does
+    element = model.input(input_name).get_element_type()
+    if element != ov.Type.f32:
+        steps.convert_element_type(element)
+    return ppp.build()
+
+
+@dataclass
+class CompiledBundle:
+    """A bundle's model compiled the way the runtime runs it (also what `edge-ad bench` measures)."""
+
+    bundle: Bundle
+    compiled: ov.CompiledModel
+    prepare: Callable[[np.ndarray, PreprocessSpec], np.ndarray]  # frame -> one model input, without batch axis
+    host_input: str  # what the host hands the model, for logs and reports
+    optimal_requests: int
+    precision: str  # the compiled model's INFERENCE_PRECISION_HINT
+    streams: int | None
+
+    def example_input(self, seed: int = 0) -> np.ndarray:
+        """A random input of the right type and shape (batch of one), for warm-up and benchmarks."""
+        spec = self.bundle.preprocess
+        frame = np.random.default_rng(seed).integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)
+        return self.prepare(frame, spec)[None]
+
+
+def compile_bundle(bundle_dir: str | Path, device: str = "CPU", mode: str = "latency", precision: str | None = None,
+                   core: ov.Core | None = None) -> CompiledBundle:
+    """Read, verify and compile a bundle with uint8 input; falls back to host preprocessing if the IR refuses it."""
+    core = core or ov.Core()
+    bundle, model = load_model(bundle_dir, core)
+    spec = bundle.preprocess
+    prepare, host_input = resize_for_model, "uint8 NHWC BGR (pixel conversion in the model)"
+    try:
+        model = with_uint8_input(model, spec, bundle.model.input_name)
+    except (RuntimeError, ValueError) as exc:
+        log.warning("cannot move the pixel conversion into the model (%s); preprocessing on the host", _first_line(exc))
+        prepare, host_input = preprocess, "float32 NCHW (host preprocessing)"
+    compiled = compile_model(core, model, device, mode, precision)
+    optimal = max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
+    try:
+        used = compiled.get_property(hints.inference_precision).get_type_name()
+    except RuntimeError:  # devices without the property
+        used = precision or default_precision(device)
+    try:
+        streams = int(compiled.get_property(props.num_streams))
+    except (RuntimeError, TypeError, ValueError):
+        streams = None
+    return CompiledBundle(bundle, compiled, prepare, host_input, optimal, used, streams)
+
+
 class Detector:
-    """A compiled bundle plus an AsyncInferQueue; finished results land in `results`."""
+    """A compiled bundle plus an AsyncInferQueue; finished results land in `results`.
+
+    `submit` prepares and starts one frame in the caller's thread. The pipeline
+    splits the two (`prepare` on its preprocessing threads, then `start` in frame
+    order) so that decoding the next frame overlaps resizing this one.
+    """
 
     def __init__(self, bundle_dir: str | Path, device: str = "CPU", mode: str = "latency", requests: int = 0,
-                 result_queue_size: int = 64):
+                 result_queue_size: int = 64, precision: str | None = None):
         self.core = ov.Core()
-        self.bundle, model = load_model(bundle_dir, self.core)
         self.device, self.mode = device, mode
-        self.compiled = compile_model(self.core, model, device, mode)
-        optimal = int(self.compiled.get_property(props.optimal_number_of_infer_requests))
-        self.requests = requests or max(1, optimal)
+        built = compile_bundle(bundle_dir, device, mode, precision, self.core)
+        self.bundle, self.compiled = built.bundle, built.compiled
+        self._prepare_image = built.prepare
+        self.host_input, self.precision, self.streams = built.host_input, built.precision, built.streams
+        self.optimal_requests = built.optimal_requests
+        self.requests = requests or built.optimal_requests
         self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
         self.queue.set_callback(self._on_done)
         self._input = self.bundle.model.input_name
@@ -128,6 +230,8 @@ class Detector:
         self._score_port = self.compiled.output(self.bundle.model.outputs[1])
         self.results: queue.Queue[Result | None] = queue.Queue(maxsize=max(result_queue_size, 2 * self.requests))
         self._seq = 0
+        self._lock = threading.Lock()
+        self._in_flight = 0  # started, callback not yet finished
         self.submitted = 0
         self.dropped = 0
         self.failed = 0
@@ -136,31 +240,72 @@ class Detector:
     def spec(self):
         return self.bundle.preprocess
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next started frame gets (results come back with theirs)."""
+        return self._seq
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started whose results are not yet queued."""
+        with self._lock:
+            return self._in_flight
+
     def prepare(self, frame: Frame) -> np.ndarray:
-        """The model input (1x3xHxW float32) for a frame; FrameError for a frame that cannot be one."""
-        return preprocess(frame.image, self.spec)[None]
+        """The model input (batch of one) for a frame; FrameError for a frame that cannot be one.
+
+        Normally the resized frame, 1xHxWx3 uint8 BGR; the compiled model does the rest.
+        Thread-safe: OpenCV releases the GIL, so several frames can be prepared at once.
+        """
+        return self._prepare_image(frame.image, self.spec)[None]
+
+    def try_prepare(self, frame: Frame) -> np.ndarray | None:
+        """`prepare`, with an unusable frame (odd shape or dtype, empty) counted in `failed` and logged
+        (the first few, then every 100th) instead of raised."""
+        try:
+            return self.prepare(frame)
+        except FrameError as exc:
+            with self._lock:
+                self.failed += 1
+                failed = self.failed
+            if failed <= 5 or failed % 100 == 0:
+                log.warning("skipping frame %d (%d unusable so far): %s", frame.index, failed, exc)
+            return None
+
+    def drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
 
     def submit(self, frame: Frame, block: bool) -> bool:
-        """Start inference on a frame; without `block`, drop it when every request is busy.
-
-        An unusable frame (odd shape or dtype, empty) is skipped and counted in
-        `failed`, with a warning for the first few and then every 100th.
-        """
+        """Prepare and start a frame; without `block`, drop it when every request is busy."""
         if not block and not self.queue.is_ready():
-            self.dropped += 1
+            self.drop()
             return False
+        tensor = self.try_prepare(frame)
+        if tensor is None:
+            return False
+        return self.start(frame, tensor)
+
+    def start(self, frame: Frame, tensor: np.ndarray) -> bool:
+        """Start inference on a prepared input; blocks while every request is busy.
+
+        Frames must be started in order by one thread at a time: the sequence number
+        the consumer reorders results by is taken here. If OpenVINO refuses the
+        request, an error result takes its place (the consumer counts and logs it;
+        a missing number would stall the in-order consumer) and False is returned.
+        """
+        with self._lock:
+            job = (self._seq, frame, tensor, time.monotonic())
+            self._seq += 1
+            self._in_flight += 1
         try:
-            tensor = self.prepare(frame)
-        except FrameError as exc:
-            self.failed += 1
-            if self.failed <= 5 or self.failed % 100 == 0:
-                log.warning("skipping frame %d (%d unusable so far): %s", frame.index, self.failed, exc)
+            # share_inputs: zero-copy; `tensor` stays referenced by `job` until the callback runs.
+            self.queue.start_async({self._input: tensor}, userdata=job, share_inputs=True)
+        except Exception as exc:  # noqa: BLE001
+            self._finish(Result(job[0], frame, None, float("nan"), 0.0, error=_first_line(exc)))
             return False
-        job = (self._seq, frame, tensor, time.monotonic())
-        self._seq += 1
-        # share_inputs: zero-copy; `tensor` stays referenced by `job` until the callback runs.
-        self.queue.start_async({self._input: tensor}, userdata=job, share_inputs=True)
-        self.submitted += 1
+        with self._lock:
+            self.submitted += 1
         return True
 
     def _on_done(self, request: ov.InferRequest, job) -> None:
@@ -172,7 +317,16 @@ class Detector:
             result = Result(seq, frame, amap.reshape(amap.shape[-2:]), score, latency)
         except Exception as exc:  # keep the sequence complete so the consumer never waits forever
             result = Result(seq, frame, None, float("nan"), latency, error=_first_line(exc))
-        self.results.put(result)
+        self._finish(result)
+
+    def _finish(self, result: Result) -> None:
+        """Queue a result (blocks while the consumer is behind: that keeps the request busy, so
+        live sources drop frames instead of piling them up), then free its slot."""
+        try:
+            self.results.put(result)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def drain(self) -> None:
         """Wait for every in-flight request to finish (their results are queued)."""

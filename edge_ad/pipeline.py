@@ -1,15 +1,21 @@
-"""The run loop: capture -> async inference -> decisions and alerts, three overlapping stages.
+"""The run loop: capture -> preprocessing -> async inference -> decisions and alerts, overlapping stages.
 
-The caller's thread reads frames and submits them; OpenVINO runs requests on
-its own threads; a consumer thread puts results back in frame order (requests
-can finish out of order), applies thresholds and the alert policy, and
-publishes. A ticker thread refreshes the status line and sends heartbeats.
+The caller's thread reads (decodes) frames; one or two preprocessing threads
+resize them meanwhile (OpenCV releases the GIL) and start inference strictly in
+frame order; OpenVINO runs requests on its own threads; a consumer thread puts
+results back in frame order (requests can finish out of order), applies
+thresholds and the alert policy, and publishes. A ticker thread refreshes the
+status line and sends heartbeats. Every hand-over is bounded: a file source
+waits when preprocessing is two frames per thread ahead, a live source drops
+the new frame when every inference request is busy or already spoken for.
 Shutdown drains in-flight requests so no processed frame's alert is lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 import uuid
@@ -23,11 +29,89 @@ from edge_ad.policy import AlertPolicy, Event
 from edge_ad.scoring import Decision, Scorer
 from edge_ad.sinks import Sink
 from edge_ad.snapshots import SnapshotWriter
-from edge_ad.sources import FrameSource
+from edge_ad.sources import Frame, FrameSource
 from edge_ad.stats import RuntimeStats
 from edge_ad.statusline import StatusLine
 
 log = logging.getLogger("edge_ad.pipeline")
+
+
+def default_prepare_threads() -> int:
+    """One preprocessing thread on a 1-2 core machine (it already overlaps decoding), two on bigger ones."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 2 else 2
+
+
+class PrepareStage:
+    """Resizes frames on worker threads while the capture thread decodes the next ones; starts inference
+    in frame order (tickets), so results keep their order whatever thread finished first.
+
+    Bounded both ways: a file source's `put` waits while 2 x workers frames are waiting or being prepared;
+    a live source's `put` drops the new frame (counted in the detector's `dropped`) when the frames in
+    inference plus those being prepared already fill every request, so a frame never waits for a request.
+    """
+
+    def __init__(self, detector: Detector, workers: int = 1, live: bool = False,
+                 on_error: Callable[[Frame, Exception], None] | None = None):
+        self.detector = detector
+        self.live = live
+        self.depth = 2 * max(1, workers)
+        self._on_error = on_error or (lambda frame, exc: log.error("frame %d: %s", frame.index, exc))
+        self._jobs: queue.Queue[tuple[int, Frame] | None] = queue.Queue()  # bounded by `depth` via _pending
+        self._turn = threading.Condition()
+        self._tickets = 0  # handed out (capture thread)
+        self._next = 0  # the ticket whose frame starts next
+        self._pending = 0  # accepted, not yet started
+        self._threads = [threading.Thread(target=self._work, name=f"edge-ad-prepare-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, frame: Frame) -> bool:
+        """Hand a frame over; False when a live source's frame was dropped."""
+        with self._turn:
+            if self.live:
+                if self._pending + self.detector.in_flight >= self.detector.requests:
+                    self.detector.drop()
+                    return False
+            else:
+                self._turn.wait_for(lambda: self._pending < self.depth)
+            ticket = self._tickets
+            self._tickets += 1
+            self._pending += 1
+        self._jobs.put((ticket, frame))
+        return True
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            ticket, frame = job
+            tensor = None
+            try:
+                tensor = self.detector.try_prepare(frame)  # unusable frames are counted there
+            except Exception as exc:  # noqa: BLE001  one frame must never stop the stream
+                self._on_error(frame, exc)
+            with self._turn:
+                self._turn.wait_for(lambda: self._next == ticket)
+            try:
+                if tensor is not None:
+                    self.detector.start(frame, tensor)  # blocks (file sources) while every request is busy
+            except Exception as exc:  # noqa: BLE001
+                self._on_error(frame, exc)
+            finally:
+                with self._turn:
+                    self._next += 1
+                    self._pending -= 1
+                    self._turn.notify_all()
+
+    def close(self) -> None:
+        """Start whatever was handed over, then stop the workers."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 @dataclass
@@ -46,6 +130,7 @@ class Pipeline:
     heartbeat: float = 30.0
     status_line: StatusLine | None = None
     health: Callable[[], dict] | None = None  # extra heartbeat fields: state, outbox figures
+    prepare_threads: int = 0  # 0 = default_prepare_threads()
 
     def __post_init__(self) -> None:
         self._last_alert_id: str | None = None
@@ -55,18 +140,20 @@ class Pipeline:
     # -- capture (caller's thread) -------------------------------------------------
     def run(self) -> RuntimeStats:
         """Process the source until it ends, `max_frames`, or `stop`; always drains and flushes."""
-        consumer = threading.Thread(target=self._consume, name="edge-ad-decide", daemon=True)
+        first_seq = self.detector.next_seq  # a detector may serve several runs
+        consumer = threading.Thread(target=self._consume, args=(first_seq,), name="edge-ad-decide", daemon=True)
         ticker = threading.Thread(target=self._tick, name="edge-ad-ticker", daemon=True)
+        stage = PrepareStage(self.detector, self.prepare_threads or default_prepare_threads(), live=self.source.live,
+                             on_error=self._submit_failed)
         consumer.start()
         ticker.start()
         failure: SourceError | None = None
-        block = not self.source.live
         try:
             for frame in self.source:
                 if self.stop.is_set():
                     break
                 self.stats.captured += 1
-                self._submit(frame, block)
+                stage.put(frame)
                 if self.max_frames and self.stats.captured >= self.max_frames:
                     log.info("stopping after --max-frames %d", self.max_frames)
                     break
@@ -74,32 +161,30 @@ class Pipeline:
             failure = exc
         finally:
             self.source.close()
+            stage.close()
             self.detector.drain()
             self.detector.results.put(None)
             consumer.join()
             self._ticker_stop.set()
             ticker.join()
             self._sync_counters()
-            self.sinks.publish("heartbeat", self._heartbeat())
+            self.sinks.publish("heartbeat", self._heartbeat(final=True))
+            log.info("%s", self.stats.summary_line())
         if failure is not None:
             raise failure
         return self.stats
 
-    def _submit(self, frame, block: bool) -> None:
-        """One frame into inference; nothing a single frame does may stop the stream."""
-        try:
-            self.detector.submit(frame, block=block)
-        except Exception as exc:  # noqa: BLE001  (unusable frames are FrameErrors, counted by the detector)
-            self.stats.errors += 1
-            self._submit_errors += 1
-            if self._submit_errors <= 5 or self._submit_errors % 100 == 0:
-                log.error("frame %s could not be submitted (%d so far): %s: %s", getattr(frame, "index", "?"),
-                          self._submit_errors, type(exc).__name__, exc)
+    def _submit_failed(self, frame: Frame, exc: Exception) -> None:
+        """A frame that could not be prepared or started; nothing a single frame does may stop the stream."""
+        self.stats.errors += 1
+        self._submit_errors += 1
+        if self._submit_errors <= 5 or self._submit_errors % 100 == 0:
+            log.error("frame %s could not be submitted (%d so far): %s: %s", getattr(frame, "index", "?"),
+                      self._submit_errors, type(exc).__name__, exc)
 
     # -- decisions (consumer thread) --------------------------------------------------
-    def _consume(self) -> None:
-        pending: dict[int, Result] = {}
-        next_seq = 0
+    def _consume(self, next_seq: int = 0) -> None:
+        pending: dict[int, Result] = {}  # at most the requests in flight
         while True:
             item = self.detector.results.get()
             if item is None:
@@ -126,11 +211,14 @@ class Pipeline:
                 log.error("inference failed on frame %d (%d failures so far): %s", frame.index, self.stats.errors,
                           result.error)
             return
-        decision = self.scorer.decide(result.anomaly_map, result.score, frame.image.shape[:2])
+        size = frame.image.shape[:2]
+        decision = self.scorer.decide(result.anomaly_map, result.score, size, with_regions=False)
         self.stats.frame_done(result.latency, time.monotonic() - frame.captured, decision.anomalous)
         window = self.policy.anomalous_in_window + int(decision.anomalous)
         event = self.policy.update(decision.anomalous, frame.timestamp, frame.index)
         if event is Event.ALERT:
+            if decision.regions is None:  # only alerts need them (and ROI/min-area decisions, done already)
+                decision.regions, decision.regions_total = self.scorer.regions(result.anomaly_map, size)
             self._alert(result, decision, min(window, self.policy.m))
         elif event is Event.CLEAR:
             self._clear(result, decision)
@@ -152,12 +240,15 @@ class Pipeline:
             threshold=self.scorer.threshold_info(), regions=decision.regions, model=self.model,
             policy={"n": self.policy.n, "m": self.policy.m, "anomalous_in_window": window,
                     "cooldown": str(self.policy.cooldown)},
-            snapshot=snapshot, source=frame.name or self.source.description,
+            snapshot=snapshot, source=frame.name or self.source.description, regions_total=decision.regions_total,
         )
         self.stats.alerts += 1
         self._last_alert_id = event_id
-        log.warning("ALERT %s frame %d score %.3f, %d region(s)%s", self.topics.camera, frame.index, decision.score,
-                    len(decision.regions), f", snapshot {snapshot}" if snapshot else "")
+        shown = len(decision.regions)
+        counted = f"{shown} region(s)" if shown == decision.regions_total else \
+            f"{decision.regions_total} regions ({shown} largest reported)"
+        log.warning("ALERT %s frame %d score %.3f, %s%s", self.topics.camera, frame.index, decision.score,
+                    counted, f", snapshot {snapshot}" if snapshot else "")
         self.sinks.publish("alert", payload)
 
     def _clear(self, result: Result, decision: Decision) -> None:
@@ -174,8 +265,10 @@ class Pipeline:
         self.stats.dropped = self.detector.dropped
         self.stats.skipped = self.source.skipped + self.detector.failed  # unreadable files, unusable frames
 
-    def _heartbeat(self) -> dict:
+    def _heartbeat(self, final: bool = False) -> dict:
         fields = self.stats.snapshot()
+        if final:
+            fields["final"] = True  # the run summary: elapsed_s and fps_avg cover the whole run
         if self.health is not None:
             try:
                 fields.update(self.health())

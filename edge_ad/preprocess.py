@@ -94,17 +94,28 @@ def as_bgr_uint8(frame) -> np.ndarray:
     return frame
 
 
-def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Frame (uint8 BGR or grayscale, any size) -> float32 CHW model input in [0, 1]."""
+def resize_for_model(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Frame (uint8 BGR or grayscale, any size) -> contiguous uint8 HxWx3 BGR at the model's size.
+
+    The geometric half of `preprocess`, and the only part the runtime does on the
+    host: the colour order, the float conversion, the scale and the NCHW layout run
+    inside the compiled model (`edge_ad.inference.with_uint8_input`), which gives the
+    same tensor as `preprocess` up to float rounding.
+    """
     bgr = as_bgr_uint8(frame)
     if spec.color not in ("RGB", "BGR"):
         raise FrameError(f"unknown color order {spec.color!r}")
     try:
-        resized = _resize(bgr, spec.height, spec.width)
-        if spec.color == "RGB":
-            resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+        return np.ascontiguousarray(_resize(bgr, spec.height, spec.width))
     except cv2.error as exc:
         raise FrameError(f"cannot resize the frame: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Frame (uint8 BGR or grayscale, any size) -> float32 CHW model input in [0, 1]."""
+    resized = resize_for_model(frame, spec)
+    if spec.color == "RGB":
+        resized = resized[:, :, ::-1]
     chw = np.transpose(resized, (2, 0, 1)).astype(np.float32)
     chw *= np.float32(spec.scale)
     return np.ascontiguousarray(chw)

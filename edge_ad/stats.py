@@ -1,7 +1,9 @@
 """Running counters, frame rate and latency percentiles for heartbeats and the status line.
 
 Percentiles come from a bounded window of recent frames, so a heartbeat says
-how the system behaves now, not averaged since start-up.
+how the system behaves now, not averaged since start-up. `elapsed_s` and
+`fps_avg` are the exception: the whole run from the first to the latest decided
+frame (start-up excluded), so the final heartbeat is a machine-readable summary.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class RuntimeStats:
         self._done: deque[float] = deque()  # completion times within fps_seconds
         self._fps_seconds = fps_seconds
         self.started = time.monotonic()
+        self.first_done: float | None = None  # monotonic time of the first / latest decided frame
+        self.last_done: float | None = None
         self.captured = 0
         self.processed = 0
         self.anomalous = 0
@@ -45,6 +49,9 @@ class RuntimeStats:
         with self._lock:
             self.processed += 1
             self.anomalous += int(anomalous)
+            if self.first_done is None:
+                self.first_done = now
+            self.last_done = now
             self._latency.append(latency)
             self._e2e.append(e2e)
             self._done.append(now)
@@ -60,8 +67,18 @@ class RuntimeStats:
         span = max(now - recent[0], 1e-6)
         return len(recent) / span
 
+    def run_rate(self) -> tuple[float, float | None]:
+        """(elapsed_s, fps_avg): seconds from the first to the latest decided frame, and the frames after the
+        first per second over that span (None before two frames)."""
+        with self._lock:
+            first, last, processed = self.first_done, self.last_done, self.processed
+        if first is None or last is None or last <= first:
+            return 0.0, None
+        return last - first, (processed - 1) / (last - first)
+
     def snapshot(self) -> dict:
         """The numbers a heartbeat carries."""
+        elapsed, fps_avg = self.run_rate()
         with self._lock:
             latency, e2e = list(self._latency), list(self._e2e)
             counts = dict(captured=self.captured, processed=self.processed, dropped=self.dropped,
@@ -70,6 +87,8 @@ class RuntimeStats:
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
             "fps": round(self.fps(), 2),
+            "elapsed_s": round(elapsed, 4),
+            "fps_avg": None if fps_avg is None else round(fps_avg, 2),
             "latency_ms": percentiles_ms(latency),
             "e2e_latency_ms": percentiles_ms(e2e),
             **counts,
@@ -85,3 +104,14 @@ class RuntimeStats:
         extra += f" errors {snap['errors']}" if snap["errors"] else ""
         return (f"{snap['fps']:.1f} fps | latency p50 {p50} ms p99 {p99} ms | frames {snap['processed']} "
                 f"| alerts {snap['alerts']} | dropped {snap['dropped']}{extra}")
+
+    def summary_line(self) -> str:
+        """The end-of-run log line, key=value like the final heartbeat's fields (elapsed_s: first to last
+        decided frame; fps_avg: frames after the first per second of it)."""
+        elapsed, fps_avg = self.run_rate()
+        with self._lock:
+            counts = dict(processed=self.processed, anomalous=self.anomalous, alerts=self.alerts,
+                          dropped=self.dropped, skipped=self.skipped, errors=self.errors)
+        fields = {"processed": counts.pop("processed"), "elapsed_s": f"{elapsed:.4f}",
+                  "fps_avg": "-" if fps_avg is None else f"{fps_avg:.2f}", **counts}
+        return "run summary: " + " ".join(f"{key}={value}" for key, value in fields.items())

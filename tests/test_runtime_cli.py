@@ -146,9 +146,16 @@ def test_image_folder_run_skips_corrupt_images_and_alerts(bundle_dir, tmp_path):
     assert [a["frame_index"] for a in alerts] == [5]  # file 005.png; 005b.png is index 6 and skipped
     assert alerts[0]["camera"] == "imgs" and alerts[0]["device"] == "pc1" and alerts[0]["source"] == "005.png"
     (region,) = alerts[0]["regions"]
-    assert (region["x"], region["y"], region["w"], region["h"]) == box
+    assert alerts[0]["regions_total"] == 1
+    # Regions come from the model-size map (64 px) scaled to the 160x128 frame: edges are exact to one model
+    # pixel (2.5 x 2 frame pixels), plus one for rounding.
+    got = (region["x"], region["y"], region["x"] + region["w"], region["y"] + region["h"])
+    want = (box[0], box[1], box[0] + box[2], box[1] + box[3])
+    assert all(abs(g - w) <= tol for g, w, tol in zip(got, want, (3.5, 3, 3.5, 3))), (got, want)
     heartbeat = [e for e in events if e["event"] == "heartbeat"][-1]
     assert heartbeat["skipped"] == 1 and heartbeat["processed"] == 12 and heartbeat["dropped"] == 0
+    assert heartbeat["final"] is True and heartbeat["elapsed_s"] > 0 and heartbeat["fps_avg"] > 0
+    assert "run summary: processed=12 elapsed_s=" in proc.stderr and "skipped=1" in proc.stderr
 
 
 def test_stdout_jsonl_is_default_without_broker(bundle_dir, video):

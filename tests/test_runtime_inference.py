@@ -14,7 +14,8 @@ from runtime_helpers import bundle_dir, make_frame  # noqa: F401  (fixture)
 from edge_ad.bench import benchmark, format_report
 from edge_ad.bundle import BundleError
 from edge_ad.errors import UsageError
-from edge_ad.inference import Detector
+from edge_ad.inference import Detector, compile_model, compile_options, load_model
+from edge_ad.preprocess import preprocess
 from edge_ad.sources import Frame
 
 
@@ -107,3 +108,92 @@ def test_bench_measures_latency_and_throughput(bundle_dir):
     json.dumps(result)
     text = format_report(result)
     assert "latency" in text and "throughput" in text and "fps" in text
+
+
+def build_colour_bundle(folder, color: str = "RGB", size: int = 48):
+    """A bundle whose map weighs the three input channels differently (0.2, 0.3, 0.5) through a 3x3
+    convolution: unlike the absdiff test model it notices swapped channels, a wrong scale or layout."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from edge_ad.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+    from edge_ad.preprocess import PreprocessSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = ops.parameter([1, 3, size, size], np.float32, name="image")
+    image.output(0).get_tensor().set_names({"image"})
+    weights = np.zeros((1, 3, 3, 3), np.float32)
+    weights[0, :, 1, 1] = (0.2, 0.3, 0.5)
+    weights[0, :, 0, 0] = (0.05, -0.02, 0.01)
+    amap = ops.convolution(image, ops.constant(weights), [1, 1], [1, 1], [1, 1], [1, 1])
+    amap.set_friendly_name("anomaly_map")
+    amap.output(0).get_tensor().set_names({"anomaly_map"})
+    score = ops.reduce_max(amap, ops.constant(np.array([1, 2, 3], dtype=np.int64)), keep_dims=False)
+    score.output(0).get_tensor().set_names({"score"})
+    ov.save_model(ov.Model([amap, score], [image], "colour"), str(folder / "model.xml"), compress_to_fp16=False)
+    write_bundle(folder, Bundle(
+        model=ModelInfo(algorithm="colour", backbone="none", precision="fp32"),
+        preprocess=PreprocessSpec(height=size, width=size, color=color),
+        thresholds=Thresholds(image=0.5, pixel=0.5, image_min=0.0, image_max=1.0, pixel_min=0.0, pixel_max=1.0),
+        training=TrainingInfo(category="synthetic", data_root="-", data_fingerprint="-", epochs=None, seed=0,
+                              image_size=size, validation_fraction=0.0)))
+    return folder
+
+
+@pytest.mark.parametrize("color", ["RGB", "BGR"])
+def test_pixel_conversion_in_the_model_matches_preprocess(tmp_path, color):
+    """The runtime feeds the resized uint8 BGR frame; the compiled model's PrePostProcessor converts it.
+    Its maps equal those of the plain IR fed `preprocess()` output (what training and export used)."""
+    import cv2
+    import openvino as ov
+
+    folder = build_colour_bundle(tmp_path / color, color)
+    detector = Detector(folder)
+    assert detector.host_input.startswith("uint8 NHWC BGR")
+    core = ov.Core()
+    bundle, model = load_model(folder, core)
+    plain = compile_model(core, model, "CPU", "latency").create_infer_request()
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (0, 0), 2)
+              for shape in ((480, 640, 3), (720, 1280, 3), (100, 80), (30, 40, 3), (48, 48, 3))]
+    frames.append(np.dstack([np.full((60, 60), v, np.uint8) for v in (10, 120, 250)]))  # B, G, R differ
+    for i, image in enumerate(frames):
+        tensor = detector.prepare(Frame(index=i, image=image, timestamp=0.0))
+        assert tensor.dtype == np.uint8 and tensor.shape == (1, 48, 48, 3)
+        assert detector.submit(Frame(index=i, image=image, timestamp=0.0), block=True)
+        detector.drain()
+        result = detector.results.get(timeout=10)
+        expected = plain.infer({"image": preprocess(image, bundle.preprocess)[None]})
+        reference = np.asarray(expected[plain.model_outputs[0]]).reshape(48, 48)
+        error = np.abs(result.anomaly_map - reference).max() / np.abs(reference).max()
+        assert error <= 1e-5, (i, error)
+        assert result.score == pytest.approx(np.asarray(expected[plain.model_outputs[1]]).reshape(-1)[0], rel=1e-5)
+    swapped = plain.infer({"image": preprocess(frames[-1][:, :, ::-1], bundle.preprocess)[None]})
+    assert np.abs(np.asarray(swapped[plain.model_outputs[0]]).reshape(48, 48) - result.anomaly_map).max() > 0.1
+
+
+def test_inference_precision_is_pinned_to_f32_on_cpu(bundle_dir):
+    """OpenVINO runs FP32 IRs in bf16 on CPUs that have it unless told otherwise; the bundle's thresholds and
+    metrics were measured in f32, so the runtime (and bench) ask for f32 on CPU by default."""
+    import openvino.properties.hint as hints
+
+    assert compile_options("CPU", "throughput")[hints.inference_precision].get_type_name() == "f32"
+    assert hints.inference_precision not in compile_options("CPU", "latency", "auto")
+    assert hints.inference_precision not in compile_options("GPU", "latency")  # other devices: their default
+    assert compile_options("GPU", "latency", "f16")[hints.inference_precision].get_type_name() == "f16"
+    with pytest.raises(UsageError, match="inference precision"):
+        compile_options("CPU", "latency", "int4")
+    detector = Detector(bundle_dir)
+    assert detector.precision == "f32"
+    assert detector.compiled.get_property(hints.inference_precision).get_type_name() == "f32"
+
+
+def test_bench_measures_what_the_pipeline_runs(bundle_dir):
+    """Same compiled model (uint8 input), same precision, same number of requests as edge-ad run."""
+    detector = Detector(bundle_dir, mode="throughput")
+    assert detector.requests == detector.optimal_requests >= 1
+    result = benchmark(bundle_dir, mode="throughput", seconds=0.4, warmup=2)
+    assert result["requests_in_flight"] == detector.requests == result["requests_optimal"]
+    assert result["inference_precision"] == detector.precision == "f32"
+    assert result["host_input"] == detector.host_input and result["streams"] == detector.streams
+    assert "inference precision f32" in format_report(result)

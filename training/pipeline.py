@@ -96,6 +96,8 @@ def evaluate_and_save(
         **metrics,
         "thresholds": thresholds.__dict__,
         "train_time_s": round(train_time_s, 1),
+        # CPU seconds of this process so far: comparable across machines loaded by other work
+        "process_cpu_s": round(time.process_time(), 1),
         "data_fingerprint": data.fingerprint,
         "device": str(device),
         "torch_version": torch.__version__,

@@ -1,0 +1,30 @@
+"""Accuracy on real MVTec AD bottle (skipped where the data is absent): the issue's targets."""
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.mvtec, pytest.mark.slow]
+
+
+def metrics_of(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_stfpm_bottle_accuracy(bottle_stfpm_run):
+    metrics = metrics_of(bottle_stfpm_run)
+    assert metrics["image_auroc"] >= 0.99, metrics
+    assert metrics["pixel_auroc"] >= 0.985, metrics
+
+
+def test_dfm_bottle_accuracy(bottle_dfm_run):
+    metrics = metrics_of(bottle_dfm_run)
+    assert metrics["image_auroc"] >= 0.99, metrics
+    assert metrics["pixel_auroc"] >= 0.97, metrics
+
+
+def test_thresholds_come_from_held_out_normal_images(bottle_stfpm_run):
+    split = json.loads((bottle_stfpm_run / "split.json").read_text())
+    assert 20 <= len(split["validation"]) <= 42  # 10-20 % of 209
+    assert all("/train/good/" in path for path in split["validation"])
+    assert metrics_of(bottle_stfpm_run)["thresholds"]["source"] == "validation"
