@@ -175,7 +175,7 @@ def quantize_bundle(config: QuantizeConfig):
     source = Path(config.bundle_dir)
     bundle = read_bundle(source)  # refuses tampered files and unknown schemas
     if bundle.model.precision != "fp32":
-        raise QuantizeError(f"{source} is a {bundle.model.precision} bundle; quantize the FP32 bundle (python -m deploy.export RUN --precision fp32)")
+        raise QuantizeError(f"{source} is an {bundle.model.precision} bundle; quantize the FP32 bundle (python -m deploy.export RUN --precision fp32)")
     category_name = config.category or bundle.training.category
     if category_name != bundle.training.category:
         raise QuantizeError(f"--category {category_name!r} differs from the category the model was trained on ({bundle.training.category!r})")

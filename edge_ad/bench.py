@@ -107,7 +107,7 @@ def format_report(result: dict) -> str:
         f"(min {lat['min']:.2f}, max {lat['max']:.2f}; {result['latency_requests']} sync requests)",
         f"  throughput  {result['throughput_fps']:.1f} fps   ({result['requests_in_flight']} requests in flight, "
         f"OpenVINO optimum {result['requests_optimal']}; {result['throughput_frames']} frames)",
-        f"  preprocess  {result['preprocess_ms_1280x720']:.2f} ms per 1280x720 frame on the host (resize)",
+        f"  preprocess  {result['preprocess_ms_1280x720']:.2f} ms per 1280x720 frame on the host",
     ])
 
 

@@ -117,7 +117,7 @@ def main() -> int:
 
     broker, port = start_broker(out)
     common = ["-m", "edge_ad", "--video", str(video), "--model", str(bundles / "int8"),
-              "--device-id", "demo-pc", "--camera-id", "line1", "--cooldown", "5f", "--status-interval", "0"]
+              "--device-id", "demo-pc", "--camera-id", "line1", "--cooldown", "5f", "--outbox", str(out / "outbox.sqlite")]
     if broker is None:
         print("mosquitto not found: alerts go to JSON lines instead of MQTT")
         step("6/6 edge-ad on the video (JSON lines)", *common, "--jsonl", str(out / "alerts.jsonl"))

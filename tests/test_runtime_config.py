@@ -19,6 +19,15 @@ def test_defaults():
     assert config.alert_n == 3 and config.alert_m == 5 and config.port == 1883
 
 
+def test_precision_and_region_cap_from_a_config_file(tmp_path):
+    path = tmp_path / "edge.toml"
+    path.write_text('video = "v.avi"\nmodel = "b"\ninference_precision = "bf16"\nmax_regions = 3\n')
+    config = build_config({}, path)
+    assert config.inference_precision == "bf16" and config.max_regions == 3
+    defaults = build_config(dict(BASE))
+    assert defaults.inference_precision is None and defaults.max_regions == 10  # None: f32 on CPU
+
+
 def test_file_then_command_line(tmp_path):
     path = tmp_path / "edge.yaml"
     path.write_text("alert_n: 2\nalert-m: 4\ncooldown: 30f\nmqtt:\n  host: broker.local\n  port: 1884\n"
@@ -92,6 +101,9 @@ def test_bad_file_kinds(tmp_path):
     ({**BASE, "mqtt_host": "h", "mqtt_port": 70000}, "1..65535"),
     ({**BASE, "mqtt_host": "h", "mqtt_ca": "/nonexistent/ca.pem"}, "file not found"),
     ({**BASE, "heartbeat": 0.0}, "--heartbeat must be > 0"),
+    ({**BASE, "max_regions": 0}, "--max-regions must be > 0"),
+    ({**BASE, "max_regions": 5000}, "--max-regions must be at most 1000"),
+    ({**BASE, "inference_precision": "f64"}, "--inference-precision must be one of auto, f32, bf16, f16"),
 ])
 def test_validation(values, match):
     with pytest.raises(ConfigError, match=match):

@@ -197,3 +197,24 @@ def test_bench_measures_what_the_pipeline_runs(bundle_dir):
     assert result["inference_precision"] == detector.precision == "f32"
     assert result["host_input"] == detector.host_input and result["streams"] == detector.streams
     assert "inference precision f32" in format_report(result)
+
+
+def test_host_preprocessing_when_the_ir_refuses_the_uint8_input(bundle_dir, monkeypatch, caplog):
+    """Should PrePostProcessor reject an IR, the runtime preprocesses on the host as before (same outputs)."""
+    import edge_ad.inference as inference
+
+    def refuse(model, spec, name):
+        raise RuntimeError("no layout for this input")
+
+    reference = Detector(bundle_dir)
+    monkeypatch.setattr(inference, "with_uint8_input", refuse)
+    fallback = Detector(bundle_dir)
+    assert fallback.host_input.startswith("float32 NCHW") and "preprocessing on the host" in caplog.text
+    image = make_frame([(64, 48, 64, 48)])
+    assert fallback.prepare(frame(0, [(64, 48, 64, 48)])).dtype == np.float32
+    maps = []
+    for detector in (reference, fallback):
+        assert detector.submit(Frame(index=0, image=image, timestamp=0.0), block=True)
+        detector.drain()
+        maps.append(detector.results.get(timeout=10).anomaly_map)
+    assert np.abs(maps[0] - maps[1]).max() <= 1e-5 * np.abs(maps[1]).max()
