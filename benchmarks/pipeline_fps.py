@@ -18,12 +18,25 @@ How it measures (start-up excluded, nothing estimated):
   pipeline filling up is included). The heartbeats' own rate (`--heartbeat 0.5`: frames processed between
   the first heartbeat with frames done and the final heartbeat, over the time between them, which also
   skips the first second) is reported beside it as a cross-check, and is what older edge-ad builds
-  without `fps_avg` are measured by. Heartbeats come from the broker (a subscriber here also counts the
-  alerts that arrived, proof that publishing was real) or, with --no-mqtt, from a --jsonl file.
+  without `fps_avg` are measured by (--repo measures another checkout, e.g. the code before a change).
+  Heartbeats come from the broker (a subscriber here also counts the alerts that arrived, proof that
+  publishing was real) or, with --no-mqtt, from a --jsonl file.
+- ratio: each pipeline run is bracketed by two `edge-ad bench` runs (bench, pipeline, bench, pipeline,
+  ..., bench) and divided by their mean; the median over --repeat rounds is reported. On a shared
+  machine the load drifts within minutes, and a ratio against a bench taken at another moment can be
+  off by 20 % either way.
+- CPU-time ratio (CPU inference only): the model's CPU time per frame in bench's throughput phase over
+  the pipeline's (`cpu_ms_per_frame` of the run summary: every thread of edge-ad, first to last decided
+  frame). It is what the fps ratio would be on a machine whose cores edge-ad has to itself with
+  inference keeping them busy, and other jobs do not move it. It counts the work a frame adds, not
+  stalls: a pipeline that leaves cores idle shows that only in the fps ratio.
 - per-frame stage costs: decode, the host's part of preprocessing (the resize; colour order, float and
   layout run inside the compiled model), sync inference and decision, single-threaded in this process at
   the video's frame size, to show where the time goes. Decoding (capture thread) and resizing
   (preprocessing threads) overlap, so 1000 / max(decode, resize / threads) ms is the host's ceiling.
+  Also CPU time per frame (process CPU time, which other jobs do not inflate): the model's in throughput
+  mode (from bench) and the host's decode + resize. Where inference and host work share the same cores,
+  the pipeline cannot exceed infer / (infer + host) of the raw fps: the CPU-share ceiling.
 
 Without --video a synthetic MJPG .avi is written: a mid-gray texture drifting one pixel per frame (so
 every frame decodes differently) at --size (default 640x480), with a white "defect" rectangle in 5 of
@@ -57,7 +70,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the edge-ad checkout whose `python -m edge_ad` is measured (--repo)
 TOPIC_ROOT = "edge-ad"
 CAMERA_ID = "bench"
 TARGET_RATIO = 0.90
@@ -390,6 +403,7 @@ def run_pipeline(bundle: Path, video: Path, *, mode: str, device: str, max_frame
     summary = re.search(r"run summary: .*", proc.stderr)
     result.update(
         wall_s=round(wall, 2), cpu_s=round(cpu, 2), cpu_cores_used=round(cpu / wall, 2) if wall else None,
+        cpu_ms_per_frame=final.get("cpu_ms_per_frame"),
         anomalous=final.get("anomalous"), alerts=final.get("alerts"), dropped=final.get("dropped"),
         errors=final.get("errors"), skipped=final.get("skipped"), latency_ms=final.get("latency_ms"),
         e2e_latency_ms=final.get("e2e_latency_ms"),
@@ -426,6 +440,7 @@ def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60
 
     cap = cv2.VideoCapture(str(video))
     images, decode = [], []
+    cpu_start = time.process_time()
     for _ in range(frames):
         start = time.perf_counter()
         ok, image = cap.read()
@@ -433,6 +448,7 @@ def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60
             break
         decode.append(time.perf_counter() - start)
         images.append(image)
+    decode_cpu = (time.process_time() - cpu_start) / max(1, len(images))
     cap.release()
     if not images:
         raise BenchmarkError(f"cannot decode {video}")
@@ -441,6 +457,10 @@ def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60
     request = built.compiled.create_infer_request()
     name = built.bundle.model.input_name
     scorer = Scorer(built.bundle.thresholds)
+    cpu_start = time.process_time()
+    for image in images:
+        built.prepare(image, spec)
+    prepare_cpu = (time.process_time() - cpu_start) / len(images)
     prepare, full, infer, decide, decide_anomalous, regions = [], [], [], [], [], []
     for image in images:
         start = time.perf_counter()
@@ -471,6 +491,7 @@ def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60
     result = {"frames": len(images), "frame_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
               "host_input": built.host_input, "prepare_threads": threads,
               "anomalous_frames": len(decide_anomalous), "opencv_threads": cv2.getNumThreads(),
+              "decode_cpu_ms": round(decode_cpu * 1000.0, 3), "prepare_cpu_ms": round(prepare_cpu * 1000.0, 3),
               "host_ceiling_fps": ceiling(statistics.median(decode), statistics.median(prepare)),
               "host_ceiling_fps_uncontended": ceiling(min(decode), min(prepare))}
     for key, samples in (("decode", decode), ("prepare", prepare), ("preprocess_full", full), ("infer_sync", infer),
@@ -499,10 +520,12 @@ def markdown(report: dict) -> str:
         f"Video: {v['size']} {v['codec']}, {v['frames']} frames ({v['origin']}); mode {report['mode']}, device "
         f"{report['device']}; publishing: {report['publishing']}",
         "",
+        f"edge-ad measured: {report.get('repo', REPO)}",
+        "",
         "| bundle | precision | input | raw model fps (bench) | pipeline fps | ratio (target >= 90 %) | "
-        "heartbeat fps | frames | anomalous | alerts sent/recv | requests bench/run | edge-ad CPU cores | "
+        "CPU-time ratio | heartbeat fps | frames | anomalous | alerts sent/recv | requests bench/run | edge-ad CPU cores | "
         "1-min load (bench; pipeline) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["results"]:
         ratio = row["ratio"]
@@ -516,9 +539,12 @@ def markdown(report: dict) -> str:
         if row["pipeline_fps_from"] != "fps_avg":
             spread += f" (from {row['pipeline_fps_from']})"
         steady = [r["steady_fps"] for r in row["pipeline_runs"] if r["steady_fps"] is not None]
+        if len(row.get("ratio_runs", [])) > 1:
+            verdict += f" ({100 * min(row['ratio_runs']):.0f}-{100 * max(row['ratio_runs']):.0f} %)"
         lines.append(
             f"| {row['name']} | {row['precision']} | {row['input']} | {_fmt(row['raw_fps'])} | "
             f"{_fmt(row['pipeline_fps'])}{spread} | {_fmt(None if ratio is None else 100 * ratio, '.0f')} %{verdict} | "
+            f"{_fmt(None if row.get('cpu_ratio') is None else 100 * row['cpu_ratio'], '.0f')} % | "
             f"{_fmt(statistics.median(steady) if steady else None)} | {p['processed']} | {anomalous} | "
             f"{p['alerts']}/{recv} | {row['bench'].get('requests_in_flight', '-')}/{_fmt(p['requests_in_flight'], 'd')} | "
             f"{_fmt(p['cpu_cores_used'], '.2f')} | {_load(row['bench']['load_average'])}; {_load(p['load_average'])} |")
@@ -530,11 +556,15 @@ def markdown(report: dict) -> str:
         f"Per-frame stage costs at {v['size']}, ms, single thread, median (min = uncontended) over the first "
         f"frames of the video. The host only resizes (colour, float, layout run in the compiled model); decoding "
         f"(capture thread) overlaps resizing ({threads} preprocessing thread(s)), so 1000 / max(decode, resize / "
-        "threads) caps the pipeline; regions are computed only for alerts (and for --roi-mask/--min-area):",
+        "threads) caps the pipeline; regions are computed only for alerts (and for --roi-mask/--min-area). "
+        "CPU ms per frame (process CPU time, robust to other jobs): inference in throughput mode (bench) and the "
+        "host's decode + resize; where both share the same cores the pipeline reaches at most "
+        "infer / (infer + host) of the raw fps (CPU-share ceiling):",
         "",
         "| bundle | decode | resize (host part) | full preprocess (old host path) | infer (sync, 1 request) | "
-        "decide normal | decide anomalous | regions (per alert) | host ceiling fps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "decide normal | decide anomalous | regions (per alert) | host ceiling fps | CPU/frame infer; host | "
+        "CPU-share ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(s, name):
@@ -547,7 +577,9 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['name']} | {cell(s, 'decode')} | {cell(s, 'prepare')} | {cell(s, 'preprocess_full')} | "
             f"{cell(s, 'infer_sync')} | {cell(s, 'decide_normal')} | {cell(s, 'decide_anomalous')} | "
-            f"{cell(s, 'regions')} | {_fmt(s['host_ceiling_fps'])} ({_fmt(s['host_ceiling_fps_uncontended'])}) |")
+            f"{cell(s, 'regions')} | {_fmt(s['host_ceiling_fps'])} ({_fmt(s['host_ceiling_fps_uncontended'])}) | "
+            f"{_fmt(s.get('infer_cpu_ms'))}; {_fmt(s['decode_cpu_ms'] + s['prepare_cpu_ms'])} | "
+            f"{_fmt(None if s.get('cpu_share_ceiling') is None else 100 * s['cpu_share_ceiling'], '.0f')} % |")
     lines += ["", f"Load average at end: {report['load_average_end']}"]
     return "\n".join(lines)
 
@@ -587,6 +619,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-stages", dest="stages", action="store_false",
                         help="skip the in-process per-stage cost breakdown")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full results as JSON")
+    parser.add_argument("--repo", type=Path, metavar="DIR",
+                        help="measure the `python -m edge_ad` of another checkout (e.g. before a change); the "
+                             "stage costs always use this one's edge_ad, so combine with --no-stages")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per edge-ad run (default: 600)")
     args = parser.parse_args(argv)
     for bundle in args.model:
@@ -600,7 +635,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    global REPO
     args = parse_args(argv)
+    if args.repo is not None:
+        if not (args.repo / "edge_ad" / "__main__.py").is_file():
+            print(f"pipeline_fps: error: --repo {args.repo}: no edge_ad package there", file=sys.stderr)
+            return 2
+        REPO = args.repo.resolve()
     mosquitto = find_mosquitto()
     use_mqtt = bool(mosquitto) if args.mqtt is None else args.mqtt
     if use_mqtt and not mosquitto:
@@ -646,17 +687,26 @@ def measure(args: argparse.Namespace, workdir: Path, mosquitto: str | None) -> d
     finally:
         if broker_cm is not None:
             broker_cm.__exit__()
-    return {"machine": machine, "video": info, "mode": args.mode, "device": args.device, "publishing": publishing,
+    return {"machine": machine, "repo": str(REPO), "video": info, "mode": args.mode, "device": args.device,
+            "publishing": publishing,
             "target_ratio": TARGET_RATIO, "results": results, "load_average_end": load_average()}
 
 
 def measure_bundle(args, bundle: Path, video: Path, video_count: int, broker, workdir: Path, index: int) -> dict:
-    benches, pipelines = [], []
-    for rep in range(args.repeat):
+    """--repeat rounds of bench, pipeline, ... and a closing bench: each pipeline run is bracketed by two model
+    measurements, and its ratio is taken against their mean (on a shared machine the load drifts, so a bench
+    minutes away would skew the ratio). Reported: medians over rounds."""
+    benches, pipelines, ratios, cpu_ratios = [], [], [], []
+
+    def bench_once() -> dict:
         print(f"[{bundle}] edge-ad bench ({args.mode}, {args.bench_seconds:g} s) ...", file=sys.stderr)
         benches.append(run_bench(bundle, args.mode, args.device, args.bench_seconds, args.timeout,
                                  args.inference_precision))
-        raw = benches[-1]["throughput_fps"]
+        return benches[-1]
+
+    before = bench_once()
+    for rep in range(args.repeat):
+        raw = before["throughput_fps"]
         frames = args.max_frames or int(min(video_count, max(150, raw * args.seconds)))
         frames = min(frames, video_count)
         print(f"[{bundle}] edge-ad --video ({frames} frames, raw {raw:.1f} fps) ...", file=sys.stderr)
@@ -669,7 +719,16 @@ def measure_bundle(args, bundle: Path, video: Path, video_count: int, broker, wo
         if run["pipeline_fps_from"] != "fps_avg":
             print(f"[{bundle}] warning: no fps_avg in the final heartbeat (older edge-ad?); using "
                   f"{run['pipeline_fps_from']}", file=sys.stderr)
+        after = bench_once()
+        bracket = (before["throughput_fps"] + after["throughput_fps"]) / 2.0
+        run["raw_fps_bracket"] = bracket
+        if run["pipeline_fps"] and bracket:
+            ratios.append(run["pipeline_fps"] / bracket)
+        bench_cpu = [b.get("throughput_cpu_ms_per_frame") for b in (benches[-2], benches[-1])]
+        if all(bench_cpu) and run.get("cpu_ms_per_frame"):
+            cpu_ratios.append(sum(bench_cpu) / 2.0 / run["cpu_ms_per_frame"])
         pipelines.append(run)
+        before = after
     raw_runs = [b["throughput_fps"] for b in benches]
     pipe_runs = [p["pipeline_fps"] for p in pipelines if p["pipeline_fps"] is not None]
     sources = sorted({p["pipeline_fps_from"] for p in pipelines})
@@ -681,12 +740,18 @@ def measure_bundle(args, bundle: Path, video: Path, video_count: int, broker, wo
     if args.stages:
         print(f"[{bundle}] per-stage costs ...", file=sys.stderr)
         stages = stage_costs(bundle, video, args.device, precision=args.inference_precision)
+        cpu_infer = statistics.median(b["throughput_cpu_ms_per_frame"] for b in benches
+                                      if b.get("throughput_cpu_ms_per_frame"))
+        host = stages["decode_cpu_ms"] + stages["prepare_cpu_ms"]
+        stages["infer_cpu_ms"] = cpu_infer
+        stages["cpu_share_ceiling"] = cpu_infer / (cpu_infer + host) if cpu_infer else None
     return {
         "name": bundle.name, "bundle": str(bundle.resolve()), "precision": bench["model"]["precision"],
         "algorithm": bench["model"]["algorithm"], "backbone": bench["model"]["backbone"], "input": bench["input"],
         "raw_fps": raw_fps, "raw_fps_runs": raw_runs, "pipeline_fps": pipeline_fps, "pipeline_fps_runs": pipe_runs,
         "pipeline_fps_from": "+".join(sources),
-        "ratio": (pipeline_fps / raw_fps) if pipeline_fps and raw_fps else None,
+        "ratio": statistics.median(ratios) if ratios else None, "ratio_runs": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None, "cpu_ratio_runs": cpu_ratios,
         "bench": bench, "pipeline": typical, "pipeline_runs": pipelines, "stages": stages,
     }
 

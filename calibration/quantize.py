@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.emulate import emulate_fake_quantize
 from calibration.int8 import (
     DEFAULT_RECIPE,
     MODES,
@@ -48,6 +49,7 @@ MAX_AUROC_DROP = 0.01
 MIN_SPEARMAN = 0.95
 DEFAULT_MAX_DROP = 0.01
 DEFAULT_LATENCY_RUNS = 100
+KERNEL_AGREEMENT_WARNING = 0.9
 
 
 @dataclass
@@ -183,7 +185,8 @@ def quantize_bundle(config: QuantizeConfig):
     recipe = RECIPES[config.recipe or DEFAULT_RECIPE]
     if config.mode == "accuracy-control" and recipe.weights_only:
         raise QuantizeError("--mode accuracy-control needs a full quantization recipe, not weights-only")
-    _prepare_out(source, Path(config.out), config.force)
+    if Path(config.out).resolve() == source.resolve():
+        raise QuantizeError("--out must differ from the FP32 bundle folder: the FP32 bundle stays as it is")
 
     category, samples, split_source = validation_samples(bundle, data_root, category_name, config.run_dir)
     fingerprint = data_fingerprint(category.train + category.test)
@@ -194,6 +197,7 @@ def quantize_bundle(config: QuantizeConfig):
                 f"bundle has {bundle.training.data_fingerprint}): the validation split cannot be reproduced; pass --run-dir to use its split.json"
             )
         log.warning("the data changed since training (fingerprint %s vs %s): test metrics are not comparable with the bundle's", fingerprint, bundle.training.data_fingerprint)
+    _prepare_out(source, Path(config.out), config.force)
     subset = len(samples) if config.subset_size is None else config.subset_size
     if subset > len(samples):
         log.warning("--subset-size %d > %d validation images: calibrating on all %d", subset, len(samples), len(samples))
@@ -234,6 +238,22 @@ def quantize_bundle(config: QuantizeConfig):
     # Validation: agreement with FP32 and the INT8 model's own thresholds.
     q_maps, q_scores = infer_all(int8_runner.compiled, all_validation)
     agreement = reference.agreement_all(q_maps, q_scores)
+    kernel_check = None
+    if not recipe.weights_only:
+        # Same quantization grid computed in FP32 vs this CPU's INT8 kernels (see calibration.emulate).
+        emulated = IrRunner.open(emulate_fake_quantize(quantized))
+        e_maps, e_scores = infer_all(emulated.compiled, all_validation)
+        kernel_agreement = float(Fp32Reference.from_outputs(e_maps, e_scores).agreement_all(q_maps, q_scores).mean())
+        kernel_check = {
+            "int8_kernels_vs_fp32_emulation": round(kernel_agreement, 6),
+            "emulation_vs_fp32": round(float(reference.agreement_all(e_maps, e_scores).mean()), 6),
+            "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        }
+        log.info("validation agreement with FP32: %.4f (INT8 kernels vs FP32 emulation of the same grid: %.4f)", agreement.mean(), kernel_agreement)
+        if kernel_agreement < KERNEL_AGREEMENT_WARNING:
+            log.warning("this CPU's INT8 kernels deviate from the quantization grid (agreement %.3f): int16 saturation? "
+                        "use a recipe with overflow_fix='enable'", kernel_agreement)
     train_config = bundle.training.config or {}
     thresholds = thresholds_from_normal(
         q_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),
@@ -306,6 +326,7 @@ def quantize_bundle(config: QuantizeConfig):
             "metric": "mean over validation images of 1 - (NMSE(map) + NMSE(score)) / 2 vs the FP32 IR (NMSE = mean squared error / mean square of the FP32 output)",
             "max_drop": config.max_drop,
         } if config.mode == "accuracy-control" else None,
+        "kernel_check": kernel_check,
         "validation_agreement": {
             "mean": round(float(agreement.mean()), 6),
             "min": round(float(agreement.min()), 6),

@@ -1,9 +1,10 @@
 """Running counters, frame rate and latency percentiles for heartbeats and the status line.
 
 Percentiles come from a bounded window of recent frames, so a heartbeat says
-how the system behaves now, not averaged since start-up. `elapsed_s` and
-`fps_avg` are the exception: the whole run from the first to the latest decided
-frame (start-up excluded), so the final heartbeat is a machine-readable summary.
+how the system behaves now, not averaged since start-up. `elapsed_s`, `fps_avg`
+and `cpu_ms_per_frame` are the exception: the whole run from the first to the
+latest decided frame (start-up excluded), so the final heartbeat is a
+machine-readable summary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RuntimeStats:
         self.started = time.monotonic()
         self.first_done: float | None = None  # monotonic time of the first / latest decided frame
         self.last_done: float | None = None
+        self._cpu_first = self._cpu_last = 0.0  # process CPU time (all threads) at those frames
         self.captured = 0
         self.processed = 0
         self.anomalous = 0
@@ -49,9 +51,10 @@ class RuntimeStats:
         with self._lock:
             self.processed += 1
             self.anomalous += int(anomalous)
+            cpu = time.process_time()
             if self.first_done is None:
-                self.first_done = now
-            self.last_done = now
+                self.first_done, self._cpu_first = now, cpu
+            self.last_done, self._cpu_last = now, cpu
             self._latency.append(latency)
             self._e2e.append(e2e)
             self._done.append(now)
@@ -67,18 +70,21 @@ class RuntimeStats:
         span = max(now - recent[0], 1e-6)
         return len(recent) / span
 
-    def run_rate(self) -> tuple[float, float | None]:
-        """(elapsed_s, fps_avg): seconds from the first to the latest decided frame, and the frames after the
-        first per second over that span (None before two frames)."""
+    def run_rate(self) -> tuple[float, float | None, float | None]:
+        """(elapsed_s, fps_avg, cpu_ms_per_frame) over the run: seconds from the first to the latest decided
+        frame, frames after the first per second of it, and the process's CPU time (every thread: capture,
+        preprocessing, inference on CPU, decisions, publishing) per frame over the same span. The last is
+        what a frame costs the machine, unaffected by other jobs competing for it. None before two frames."""
         with self._lock:
             first, last, processed = self.first_done, self.last_done, self.processed
-        if first is None or last is None or last <= first:
-            return 0.0, None
-        return last - first, (processed - 1) / (last - first)
+            cpu = self._cpu_last - self._cpu_first
+        if first is None or last is None or last <= first or processed < 2:
+            return 0.0, None, None
+        return last - first, (processed - 1) / (last - first), cpu * 1000.0 / (processed - 1)
 
     def snapshot(self) -> dict:
         """The numbers a heartbeat carries."""
-        elapsed, fps_avg = self.run_rate()
+        elapsed, fps_avg, cpu_ms = self.run_rate()
         with self._lock:
             latency, e2e = list(self._latency), list(self._e2e)
             counts = dict(captured=self.captured, processed=self.processed, dropped=self.dropped,
@@ -89,6 +95,7 @@ class RuntimeStats:
             "fps": round(self.fps(), 2),
             "elapsed_s": round(elapsed, 4),
             "fps_avg": None if fps_avg is None else round(fps_avg, 2),
+            "cpu_ms_per_frame": None if cpu_ms is None else round(cpu_ms, 2),
             "latency_ms": percentiles_ms(latency),
             "e2e_latency_ms": percentiles_ms(e2e),
             **counts,
@@ -108,10 +115,11 @@ class RuntimeStats:
     def summary_line(self) -> str:
         """The end-of-run log line, key=value like the final heartbeat's fields (elapsed_s: first to last
         decided frame; fps_avg: frames after the first per second of it)."""
-        elapsed, fps_avg = self.run_rate()
+        elapsed, fps_avg, cpu_ms = self.run_rate()
         with self._lock:
             counts = dict(processed=self.processed, anomalous=self.anomalous, alerts=self.alerts,
                           dropped=self.dropped, skipped=self.skipped, errors=self.errors)
         fields = {"processed": counts.pop("processed"), "elapsed_s": f"{elapsed:.4f}",
-                  "fps_avg": "-" if fps_avg is None else f"{fps_avg:.2f}", **counts}
+                  "fps_avg": "-" if fps_avg is None else f"{fps_avg:.2f}",
+                  "cpu_ms_per_frame": "-" if cpu_ms is None else f"{cpu_ms:.2f}", **counts}
         return "run summary: " + " ".join(f"{key}={value}" for key, value in fields.items())

@@ -21,9 +21,6 @@ from calibration.int8 import RECIPES, Fp32Reference, count_fake_quantize
 from calibration.quantize import images_digest, main
 from edge_ad.bundle import read_bundle
 
-MVTEC = Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad"
-
-
 def copy_bundle(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
@@ -84,6 +81,9 @@ def test_int8_bundle_is_complete_and_verifies(int8_bundle, tiny_fp32_bundle, tin
     assert set(calibration["latency_ms"]) == {"fp32", "int8", "speedup"}
     assert calibration["latency_ms"]["int8"]["runs"] >= 5 and calibration["latency_ms"]["int8"]["median_ms"] > 0
     assert calibration["source_files"] == fp32.files
+    kernel = calibration["kernel_check"]
+    assert isinstance(kernel["int8_kernels_vs_fp32_emulation"], float) and isinstance(kernel["emulation_vs_fp32"], float)
+    assert kernel["cpu"] and kernel["cpu_capabilities"]
 
     # thresholds re-derived from the INT8 model on validation, the FP32 ones kept for reference
     assert bundle.thresholds.source == "validation (INT8 IR)"
@@ -105,6 +105,22 @@ def test_anomaly_head_and_first_convolution_stay_fp32(int8_bundle, tiny_fp32_bun
     # ...while the backbone convolutions do run in INT8
     convs = {op.get_friendly_name() for op in quantized.get_ordered_ops() if op.get_type_name() in CONV_TYPES}
     assert len(fed & convs) >= parts.convolutions // 2
+
+
+def test_fp32_emulation_has_no_quantizers_and_matches_its_grid(int8_bundle, tiny_fp32_bundle):
+    """The emulated model is FP32 only; on the FP32 input grid it reproduces the INT8 model closely."""
+    from calibration.emulate import emulate_fake_quantize
+    from calibration.int8 import infer_all
+
+    quantized = ov.Core().read_model(str(int8_bundle / "model.xml"))
+    emulated = emulate_fake_quantize(quantized)
+    assert count_fake_quantize(emulated) == 0 and count_fake_quantize(quantized) > 0
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64)).astype(np.float32) / 255
+    core = ov.Core()
+    e_maps, e_scores = infer_all(core.compile_model(emulated, "CPU"), images)
+    q_maps, _ = infer_all(core.compile_model(quantized, "CPU"), images)
+    assert np.all(np.isfinite(e_maps)) and np.all(np.isfinite(e_scores))
+    assert np.corrcoef(e_maps.ravel(), q_maps.ravel())[0, 1] > 0.5
 
 
 def test_int8_ir_runs_like_the_runtime_loads_it(int8_bundle, synthetic_root):
@@ -153,12 +169,16 @@ def test_agreement_metric():
     assert reference.agreement(1, maps[1] * 2, scores[1] * 2) == pytest.approx(0.0)
 
 
-def test_accuracy_control_mode(tiny_fp32_bundle, tmp_path):
+def test_accuracy_control_mode_with_the_runs_split_json(tiny_fp32_bundle, tiny_stfpm_run, tmp_path):
     """quantize_with_accuracy_control on FP32 agreement: the result meets the drop it was given."""
     out = tmp_path / "ac"
-    assert main([str(tiny_fp32_bundle), "--out", str(out), "--mode", "accuracy-control", "--max-drop", "0.05", "--latency-runs", "0"]) == 0
+    args = ["--mode", "accuracy-control", "--max-drop", "0.05", "--latency-runs", "0", "--run-dir", str(tiny_stfpm_run)]
+    assert main([str(tiny_fp32_bundle), "--out", str(out), *args]) == 0
     bundle = read_bundle(out)
     calibration = bundle.calibration
+    assert calibration["images"]["source"] == f"split.json of {tiny_stfpm_run}"
+    split = json.loads((tiny_stfpm_run / "split.json").read_text())
+    assert calibration["images"]["paths"] == ["/".join(Path(p).parts[-4:]) for p in split["validation"]]
     assert calibration["method"] == "nncf.quantize_with_accuracy_control"
     assert calibration["accuracy_control"]["max_drop"] == 0.05
     assert "NMSE" in calibration["accuracy_control"]["metric"]
@@ -182,6 +202,17 @@ def test_accuracy_control_mode(tiny_fp32_bundle, tmp_path):
 def test_bad_options_are_one_clear_line(tiny_fp32_bundle, tmp_path, capsys, args, message):
     assert main([str(tiny_fp32_bundle), "--out", str(tmp_path / "out"), *args]) == 2
     assert message in error_line(capsys)
+
+
+def test_changed_data_is_refused_without_the_runs_split(tiny_fp32_bundle, synthetic_root, tmp_path, capsys):
+    """A changed dataset would silently give another validation split: refuse, name the remedy."""
+    moved = tmp_path / "data"
+    shutil.copytree(synthetic_root, moved)
+    sorted((moved / "synthetic" / "train" / "good").iterdir())[0].unlink()
+    assert main([str(tiny_fp32_bundle), "--out", str(tmp_path / "out"), "--data-root", str(moved)]) == 2
+    err = error_line(capsys)
+    assert "changed since training" in err and "--run-dir" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_bundles_are_one_clear_line(tiny_fp32_bundle, int8_bundle, tmp_path, capsys):
@@ -211,39 +242,28 @@ def test_bad_bundles_are_one_clear_line(tiny_fp32_bundle, int8_bundle, tmp_path,
 
 # --- slow: real MVTec bottle ---------------------------------------------------------------------
 
-STFPM_EPOCHS = 3  # enough for image/pixel AUROC ~0.99+ at 256 px; keeps the module within minutes
+# The models are conftest's session fixtures bottle_stfpm_run (MobileNetV2 STFPM, 256 px, 10 epochs:
+# the README's reference settings) and bottle_dfm_run (EfficientNet-Lite0 DFM), shared with
+# test_accuracy_mvtec.py. Measured alternative: STFPM with 3 epochs is quicker but is a weak model
+# (FP32 pixel AUROC 0.925) whose INT8 image AUROC drop (0.0087) sits at the limit: not a fair test.
 
 
 @pytest.fixture(scope="module")
-def bottle_root() -> Path:
-    if not (MVTEC / "bottle" / "train" / "good").is_dir():
-        pytest.skip(f"real MVTec AD data not found at {MVTEC}")
-    return MVTEC
-
-
-@pytest.fixture(scope="module")
-def bottle_int8(bottle_root, tmp_path_factory):
-    """algorithm -> INT8 bundle.json data; each model trained (or fitted), exported and quantized once."""
+def bottle_int8(request, tmp_path_factory):
+    """algorithm -> INT8 bundle.json data; each model exported and quantized once per module."""
     from deploy.export import export_run
-    from training import dfm, stfpm
-    from training.config import DfmConfig, StfpmConfig
 
     cache: dict[str, dict] = {}
 
     def get(algorithm: str) -> dict:
         if algorithm not in cache:
-            runs = tmp_path_factory.mktemp(f"bottle_{algorithm}")
-            if algorithm == "stfpm":
-                config = StfpmConfig(category="bottle", data_root=str(bottle_root), backbone="mobilenet_v2", epochs=STFPM_EPOCHS, out=str(runs), device="cpu")
-                run = stfpm.train(config)
-            else:
-                config = DfmConfig(category="bottle", data_root=str(bottle_root), backbone="efficientnet_lite0", out=str(runs), device="cpu")
-                run = dfm.train(config)
-            fp32 = export_run(run, runs / "fp32")
-            out = runs / "int8"
+            run = request.getfixturevalue(f"bottle_{algorithm}_run")  # skips without ../shared/data/mvtec_ad
+            folder = tmp_path_factory.mktemp(f"bottle_{algorithm}")
+            fp32 = export_run(run, folder / "fp32")
+            out = folder / "int8"
             assert main([str(fp32), "--out", str(out), "--latency-runs", "100"]) == 0
-            cache[algorithm] = json.loads((out / "bundle.json").read_text())
             read_bundle(out)
+            cache[algorithm] = json.loads((out / "bundle.json").read_text())
         return cache[algorithm]
 
     return get
@@ -267,12 +287,5 @@ def test_int8_keeps_fp32_accuracy_on_bottle(bottle_int8, algorithm):
     assert bundle["calibration"]["targets"]["met"] is True
 
 
-@pytest.mark.mvtec
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["stfpm", "dfm"])
-def test_int8_is_faster_than_fp32_on_this_cpu(bottle_int8, algorithm):
-    """INT8 only pays off if it is also faster: median of 100 interleaved single-frame runs each."""
-    latency = bottle_int8(algorithm)["calibration"]["latency_ms"]
-    assert latency["int8"]["runs"] >= 50 and latency["fp32"]["runs"] >= 50
-    assert latency["int8"]["median_ms"] < latency["fp32"]["median_ms"], latency
-    assert bottle_int8(algorithm)["calibration"]["pays_off"] is True
+# Latency is not asserted here (speed targets are checked by benchmark scripts, not timed tests):
+# calibration.quantize records FP32 vs INT8 latency and `pays_off` in every bundle, and warns.

@@ -176,6 +176,7 @@ def test_final_heartbeat_is_the_run_summary(bundle_dir, tmp_path, caplog):
     # elapsed_s is rounded to 0.1 ms, fps_avg to 0.01 fps: compare within that rounding
     assert final["elapsed_s"] > 0
     assert final["fps_avg"] == pytest.approx(29 / final["elapsed_s"], rel=0.001 + 0.00006 / final["elapsed_s"], abs=0.01)
+    assert final["cpu_ms_per_frame"] > 0  # process CPU time per frame: capture to decision, every thread
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run summary:")]
     assert summary and "processed=30" in summary[0] and f"fps_avg={final['fps_avg']:.2f}" in summary[0]
 
