@@ -79,7 +79,9 @@ def test_tls_and_password_from_environment(secure_broker, bundle_dir, short_vide
         client.loop_stop()
     assert proc.returncode == 0, proc.stderr
     assert PASSWORD not in proc.stderr + proc.stdout
-    assert [a["frame_index"] for a in received] == [2]
+    # at-least-once: a PUBACK lost under load may deliver an alert twice; consumers dedupe by event id
+    unique = {a["event_id"]: a for a in received}
+    assert [a["frame_index"] for a in unique.values()] == [2]
 
 
 def test_password_file(secure_broker, bundle_dir, short_video, tmp_path):

@@ -152,12 +152,12 @@ def reference_regions(amap, frame_size, threshold, min_area):
     found = []
     for label in range(1, count):
         x, y, w, h, area = (int(v) for v in stats[label])
-        if area * sx * sy < min_area:
+        if area * (sx * sy) < min_area:  # the same float expression as the implementation (x.5 rounding)
             continue
         box = (min(width - 1, int(x * sx + 0.5)), min(height - 1, int(y * sy + 0.5)))
         end = (min(width, int((x + w) * sx + 0.5)), min(height, int((y + h) * sy + 0.5)))
         found.append((box[0], box[1], max(1, end[0] - box[0]), max(1, end[1] - box[1]),
-                      max(1, int(area * sx * sy + 0.5)), round(float(amap[labels == label].max()), 4)))
+                      max(1, int(area * (sx * sy) + 0.5)), round(float(amap[labels == label].max()), 4)))
     return sorted(found, key=lambda r: (-r[4], -r[5]))
 
 
