@@ -54,11 +54,14 @@ class StatusLine:
 
 
 class StatusAwareHandler(logging.StreamHandler):
-    """A stderr handler that clears an in-place status line before writing."""
+    """A stderr handler that clears an in-place status line before writing. It looks up sys.stderr at
+    each record, so a replaced stderr (a service wrapper, a test harness) never leaves it writing to a
+    closed stream."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if _active is not None:
             _active.wipe()
+        self.stream = sys.stderr
         super().emit(record)
 
 
@@ -80,7 +83,7 @@ def setup_logging(level: str = "info") -> None:
     for handler in list(root.handlers):
         if isinstance(handler, StatusAwareHandler):
             root.removeHandler(handler)
-    handler = StatusAwareHandler(sys.stderr)
+    handler = StatusAwareHandler()
     handler.setFormatter(_Formatter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

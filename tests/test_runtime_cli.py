@@ -174,3 +174,28 @@ def test_bench_command(bundle_dir):
     assert result["throughput_fps"] > 0 and result["device"] == "CPU"
     proc = run_cli("bench", "--model", bundle_dir, "--seconds", "0.2", "--mode", "throughput")
     assert proc.returncode == 0 and "median" in proc.stdout and "fps" in proc.stdout
+
+
+def test_log_handler_follows_a_replaced_stderr(monkeypatch):
+    """A handler bound to a stderr that was since closed (a test harness, a service wrapper) must not
+    print 'Logging error' tracebacks into whatever stderr is now."""
+    import io
+    import logging
+    import sys
+
+    from edge_ad.statusline import StatusAwareHandler, setup_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging("info")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    try:
+        logging.getLogger("edge_ad.test").warning("skipped %d of %d files", 1, 13)
+        assert second.getvalue() == "edge-ad: warning: skipped 1 of 13 files\n"
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, StatusAwareHandler):
+                root.removeHandler(handler)
