@@ -388,18 +388,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from calibration.graph import GraphError
 
+    from edge_ad.tool_cli import run_tool
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        out, _ = quantize_bundle(QuantizeConfig(**vars(args)))
-    except (QuantizeError, GraphError, BundleError, IrError, DatasetError, ImageReadError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+    return run_tool(lambda: quantize_bundle(QuantizeConfig(**vars(args)))[0],
+                    (QuantizeError, GraphError, BundleError, IrError, DatasetError, ImageReadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import cv2
 from deploy.ir_eval import IrError, IrRunner, infer_images
 from edge_ad.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
 from edge_ad.images import list_images
+from edge_ad.tool_cli import run_tool
 from training.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, thresholds_from_normal
 
 log = logging.getLogger("calibration")
@@ -152,18 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     cv2_logging = getattr(getattr(cv2, "utils", None), "logging", None)
     if cv2_logging is not None:
         cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     config = RecalibrationConfig(**vars(args))
-    try:
-        out, bundle = recalibrate(config)
-    except (ThresholdError, BundleError, IrError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+    return run_tool(lambda: recalibrate(config)[0], (ThresholdError, BundleError, IrError, ValueError, OSError))
 
 
 if __name__ == "__main__":

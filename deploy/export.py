@@ -324,19 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DatasetError
     from training.run_dir import RunDirError
 
+    from edge_ad.tool_cli import run_tool
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
+
+    def export() -> Path:
         check_precision(args.precision)
-        out = export_run(args.run_dir, args.out, args.precision, measure=not args.no_measure, force=args.force, data_root=args.data_root)
-    except (ExportError, IrError, RunDirError, DatasetError, ImageReadError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+        return export_run(args.run_dir, args.out, args.precision, measure=not args.no_measure, force=args.force,
+                          data_root=args.data_root)
+
+    return run_tool(export, (ExportError, IrError, RunDirError, DatasetError, ImageReadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

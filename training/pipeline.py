@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,6 @@ class RunData:
     test: list[Sample]
     has_masks: bool
     fingerprint: str
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,19 +130,14 @@ def report(config: TrainConfig, metrics: dict, run_dir: Path) -> None:
 
 def run_cli(train_fn, config: TrainConfig) -> int:
     """Clear one-line errors for bad input instead of tracebacks."""
+    from edge_ad.images import ImageReadError
+    from edge_ad.tool_cli import run_tool
     from training.backbones import BackboneWeightsError
     from training.data import DatasetError
-    from edge_ad.images import ImageReadError
 
-    setup_logging()
-    try:
+    def train() -> None:
         started = time.perf_counter()
         train_fn(config)
         log.info("done in %.0fs", time.perf_counter() - started)
-        return 0
-    except (DatasetError, ImageReadError, BackboneWeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return run_tool(train, (DatasetError, ImageReadError, BackboneWeightsError, ValueError))
