@@ -71,6 +71,7 @@ def collect(variants: list[Variant]) -> list[dict]:
                 "image_f1": m.get("image_f1_validation_threshold"),
                 "image_f1_best": m.get("image_f1"),
                 "n_test": m.get("n_test"),
+                "spearman_vs_fp32_ir": m.get("spearman_vs_fp32_ir"),  # INT8 stage only
                 "size_mb": round(_size_mb(variant.fp32 if stage != "int8_ir" else variant.int8), 2)
                 if stage != "torch" else None,
                 "train_time_s": run_metrics.get("train_time_s"),
@@ -80,9 +81,13 @@ def collect(variants: list[Variant]) -> list[dict]:
     return rows
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def _mean(values: list[float | None], expected: list[bool]) -> float | None:
+    """Mean over the categories that have this metric at all; None if this model lacks one of them, so a
+    mean over fewer categories never sits beside means over more."""
+    present = [v for v, e in zip(values, expected) if e]
+    if not present or any(v is None for v in present):
+        return None
+    return sum(present) / len(present)
 
 
 def _cell(value: float | None) -> str:
@@ -98,28 +103,32 @@ def markdown(rows: list[dict]) -> str:
         out.append(f"**{title}**\n")
         out.append("| model | stage | Mean | " + " | ".join(categories) + " |")
         out.append("|---|---|---|" + "---|" * len(categories))
+        expected = [any(r["category"] == c and r[metric] is not None for r in rows) for c in categories]
         for algorithm, backbone in models:
             for stage, stage_name in STAGES:
                 cells = [by_key.get((algorithm, backbone, stage, c), {}).get(metric) for c in categories]
                 label = f"{ALGORITHM_NAMES.get(algorithm, algorithm)} {backbone}"
-                out.append(f"| {label} | {stage_name} | {_cell(_mean(cells))} | " + " | ".join(_cell(v) for v in cells) + " |")
+                out.append(f"| {label} | {stage_name} | {_cell(_mean(cells, expected))} | "
+                           + " | ".join(_cell(v) for v in cells) + " |")
         if metric == "pixel_auroc":
             out.append("\n'-': the category has no ground-truth masks here; the mean is over categories that have them.")
         out.append("")
-    out.append("**Size on disk (MB, model.xml + model.bin) and training time (s, wall / process CPU)**\n")
-    out.append("| model | category | FP32 IR | INT8 IR | training wall s | training CPU s |")
-    out.append("|---|---|---|---|---|---|")
+    out.append("**Size on disk (MB, model.xml + model.bin), INT8 score ranking, training time (s, wall / process CPU)**\n")
+    out.append("| model | category | FP32 IR MB | INT8 IR MB | Spearman INT8 vs FP32 | training wall s | training CPU s |")
+    out.append("|---|---|---|---|---|---|---|")
     for algorithm, backbone in models:
         for c in categories:
             fp32 = by_key.get((algorithm, backbone, "fp32_ir", c))
             int8 = by_key.get((algorithm, backbone, "int8_ir", c))
             if not fp32:
                 continue
-            wall, cpu = fp32["train_time_s"], fp32["train_process_cpu_s"]
+            wall, cpu, rho = fp32["train_time_s"], fp32["train_process_cpu_s"], int8["spearman_vs_fp32_ir"]
             out.append(
                 f"| {ALGORITHM_NAMES.get(algorithm, algorithm)} {backbone} | {c} | {fp32['size_mb']:.2f} | "
-                f"{int8['size_mb']:.2f} | {'-' if wall is None else f'{wall:.0f}'} | {'-' if cpu is None else f'{cpu:.0f}'} |"
+                f"{int8['size_mb']:.2f} | {_cell(rho)} | {'-' if wall is None else f'{wall:.0f}'} | "
+                f"{'-' if cpu is None else f'{cpu:.0f}'} |"
             )
+    out.append("\nA '-' in a category column: not measured; the mean is then left out too.")
     return "\n".join(out) + "\n"
 
 

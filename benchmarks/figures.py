@@ -35,6 +35,12 @@ def _pyplot():
     return plt
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, str, str], float], category: str,
                         out: Path, machine: str = "") -> Path | None:
     """Image AUROC on `category` against median single-frame latency, one point per model and stage.
@@ -66,6 +72,9 @@ def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, s
             if line:
                 axis.plot(*zip(*line), color=colors[model], linewidth=0.8, alpha=0.6)
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
+        axis.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000) if min(ms for _, ms in points) / 1.5 <= t <= max(ms for _, ms in points) * 1.5])
         axis.set_xlabel("single-frame latency, ms (median, log scale)")
         axis.set_ylabel(f"{title} ({category})")
         axis.grid(True, which="both", alpha=0.3)

@@ -79,11 +79,14 @@ def _bundle_done(bundle: Path) -> bool:
     return (bundle / "bundle.json").is_file() and (bundle / "model.xml").is_file()
 
 
-def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, category: str) -> Variant:
+def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, category: str) -> Variant | None:
     runs, bundles, logs = args.work / "runs", args.work / "bundles", args.work / "logs"
     epochs = args.epochs if algorithm == "stfpm" else None
     name = f"{algorithm}-{backbone}-{category}"
     run_dir = None if args.retrain else find_run(runs, algorithm, backbone, category, args.data_root, args.image_size, epochs)
+    if run_dir is None and args.no_train:
+        log.warning("%s: no finished run in %s and --no-train: left out", name, runs)
+        return None
     if run_dir is None:
         train_args = ["-m", f"training.{algorithm}", "--data-root", str(args.data_root), "--category", category,
                       "--backbone", backbone, "--image-size", str(args.image_size), "--out", str(runs)]
@@ -188,6 +191,9 @@ def run(args: argparse.Namespace) -> Path:
     if "models" in args.steps:
         variants = [prepare_variant(args, algorithm, backbone, category)
                     for category in args.categories for algorithm in args.algorithms for backbone in args.backbones]
+        variants = [v for v in variants if v is not None]
+        if not variants:
+            raise RunError("no variant to measure")
         save_variants(variants, variants_json)
     elif not variants_json.is_file():
         raise RunError(f"{variants_json} missing: run the 'models' step first")
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> Path:
     if "peer" in args.steps:
         _command("peer (anomalib)", "-m", "benchmarks.peer_anomalib", "--data-root", str(args.data_root),
                  "--category", first, "--variants", str(variants_json), "--out", str(args.out),
+                 "--epochs", str(args.epochs), *(["--reuse-anomalib-result"] if args.peer_reuse else []),
                  log_file=args.work / "logs" / "peer.log")
     if "figures" in args.steps:
         from benchmarks.figures import accuracy_vs_latency, latency_from_speed
@@ -235,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="runs, bundles and logs (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="tables, JSON and figures")
     parser.add_argument("--retrain", action="store_true", help="train new runs even where matching ones exist")
+    parser.add_argument("--no-train", action="store_true", help="measure only what has a finished run; train nothing")
+    parser.add_argument("--peer-reuse", action="store_true",
+                        help="peer: keep anomalib's measured result (OUT/anomalib.json), re-measure only edge-ad")
     parser.add_argument("--readme", type=Path, help="replace this README's results block with the new summary")
     args = parser.parse_args(argv)
     args.data_root, args.work, args.out = args.data_root.resolve(), args.work.resolve(), args.out.resolve()

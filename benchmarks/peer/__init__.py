@@ -1,0 +1,1 @@
+"""Peer benchmark helpers: the anomalib worker (runs in anomalib's own venv) and name mappings onto timm."""
