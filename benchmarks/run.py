@@ -9,7 +9,7 @@
 2. accuracy: image/pixel AUROC and image F1 of torch / FP32 IR / INT8 IR (`benchmarks.accuracy`).
 3. speed, footprint, roofline (`benchmarks.speed`, `.footprint`, `.roofline`), on the first category.
 4. peer: anomalib on the same data and weights (`benchmarks.peer_anomalib`; installs anomalib in a
-   separate environment, so it is opt-in: --steps ... peer).
+   separate environment, so it is opt-in: --steps all, or --steps peer alone).
 5. figures (`benchmarks.figures`), and `summary.md`, which --readme splices into the README between
    its `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` markers.
 """
@@ -125,9 +125,9 @@ def summary(out: Path, info: dict, categories: list[str], steps: list[str]) -> s
     parts = [
         BEGIN,
         f"Measured on {cpu}, {info.get('cores', '?')} cores, Python {info.get('python')}, OpenVINO "
-        f"{info.get('openvino')}, {info.get('date')} (load average at the start {info.get('load_average_start')}). "
-        "Regenerate with "
-        f"`python -m benchmarks.run --data-root DATA --categories {' '.join(categories)} --readme README.md`; "
+        f"{info.get('openvino')}; each timing table below names when it was measured and the load average then "
+        f"(this summary: {info.get('date')}). Regenerate with "
+        f"`python -m benchmarks.run --data-root DATA --categories {' '.join(categories)} --steps all --readme README.md`; "
         f"raw JSON beside each table in [benchmarks/results/](benchmarks/results/).",
         "",
         "#### Accuracy (test split; torch / OpenVINO FP32 / OpenVINO INT8)",
@@ -238,7 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="resnet18 / wide_resnet50_2 need torchvision's ImageNet weights (internet or --weights)")
     parser.add_argument("--epochs", type=int, default=10, help="STFPM epochs")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=ALL_STEPS)
+    parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all"),
+                        help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="runs, bundles and logs (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="tables, JSON and figures")
     parser.add_argument("--retrain", action="store_true", help="train new runs even where matching ones exist")
@@ -248,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--readme", type=Path, help="replace this README's results block with the new summary")
     args = parser.parse_args(argv)
     args.data_root, args.work, args.out = args.data_root.resolve(), args.work.resolve(), args.out.resolve()
+    if "all" in args.steps:
+        args.steps = list(ALL_STEPS)
     return args
 
 
