@@ -7,6 +7,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_runtime_log_handler_leaks():
+    """An in-process `edge-ad` run installs the runtime's stderr log handler on the root logger, as the
+    real command does; remove it afterwards so it never writes into a later test's captured stderr."""
+    import logging
+
+    from edge_ad.statusline import StatusAwareHandler
+
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, StatusAwareHandler):
+            root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Data root holding a tiny synthetic MVTec-layout category named "synthetic" (64 px, 24/6/6 images)."""

@@ -183,19 +183,13 @@ def test_log_handler_follows_a_replaced_stderr(monkeypatch):
     import logging
     import sys
 
-    from edge_ad.statusline import StatusAwareHandler, setup_logging
+    from edge_ad.statusline import setup_logging
 
     first = io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
-    setup_logging("info")
+    setup_logging("info")  # conftest removes the handler afterwards
     first.close()
     second = io.StringIO()
     monkeypatch.setattr(sys, "stderr", second)
-    try:
-        logging.getLogger("edge_ad.test").warning("skipped %d of %d files", 1, 13)
-        assert second.getvalue() == "edge-ad: warning: skipped 1 of 13 files\n"
-    finally:
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if isinstance(handler, StatusAwareHandler):
-                root.removeHandler(handler)
+    logging.getLogger("edge_ad.test").warning("skipped %d of %d files", 1, 13)
+    assert second.getvalue() == "edge-ad: warning: skipped 1 of 13 files\n"
