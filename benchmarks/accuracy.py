@@ -55,6 +55,7 @@ def collect(variants: list[Variant]) -> list[dict]:
         bundle = _read_json(variant.int8 / "bundle.json")
         run_metrics = _read_json(variant.run_dir / "metrics.json")
         measured = bundle.get("metrics") or {}
+        bundle_of_stage = {"fp32_ir": variant.fp32, "int8_ir": variant.int8}
         for stage, _ in STAGES:
             if "image_auroc" not in measured.get(stage, {}):
                 raise AccuracyError(f"{variant.int8}/bundle.json has no '{stage}' metrics (quantize with test data reachable)")
@@ -72,8 +73,7 @@ def collect(variants: list[Variant]) -> list[dict]:
                 "image_f1_best": m.get("image_f1"),
                 "n_test": m.get("n_test"),
                 "spearman_vs_fp32_ir": m.get("spearman_vs_fp32_ir"),  # INT8 stage only
-                "size_mb": round(_size_mb(variant.fp32 if stage != "int8_ir" else variant.int8), 2)
-                if stage != "torch" else None,
+                "size_mb": round(_size_mb(bundle_of_stage[stage]), 2) if stage in bundle_of_stage else None,
                 "train_time_s": run_metrics.get("train_time_s"),
                 "train_process_cpu_s": run_metrics.get("process_cpu_s"),
                 "epochs": len(run_metrics.get("history") or []) or None,

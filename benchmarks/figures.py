@@ -35,12 +35,6 @@ def _pyplot():
     return plt
 
 
-def matplotlib_ticker():
-    import matplotlib.ticker
-
-    return matplotlib.ticker
-
-
 def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, str, str], float], category: str,
                         out: Path, machine: str = "") -> Path | None:
     """Image AUROC on `category` against median single-frame latency, one point per model and stage.
@@ -48,6 +42,8 @@ def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, s
     `latency_ms` maps (algorithm, backbone, stage) to milliseconds; stages without a latency are left out.
     """
     plt = _pyplot()
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     points = [
         (row, latency_ms[(row["algorithm"], row["backbone"], row["stage"])])
         for row in accuracy_rows
@@ -57,6 +53,7 @@ def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, s
         log.warning("no variant of %s has both an accuracy and a latency: accuracy-vs-latency figure skipped", category)
         return None
     models = sorted({(r["algorithm"], r["backbone"]) for r, _ in points})
+    fastest, slowest = min(ms for _, ms in points), max(ms for _, ms in points)
     colors = dict(zip(models, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for axis, metric, title in ((axes[0], "image_auroc", "image AUROC"), (axes[1], "pixel_auroc", "pixel AUROC")):
@@ -72,9 +69,9 @@ def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, s
             if line:
                 axis.plot(*zip(*line), color=colors[model], linewidth=0.8, alpha=0.6)
         axis.set_xscale("log")
-        axis.xaxis.set_major_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
-        axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
-        axis.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000) if min(ms for _, ms in points) / 1.5 <= t <= max(ms for _, ms in points) * 1.5])
+        axis.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000) if fastest / 1.5 <= t <= slowest * 1.5])
         axis.set_xlabel("single-frame latency, ms (median, log scale)")
         axis.set_ylabel(f"{title} ({category})")
         axis.grid(True, which="both", alpha=0.3)
@@ -148,7 +145,7 @@ def latency_from_speed(speed: dict) -> dict[tuple[str, str, str], float]:
     stages = {"torch": "torch", "fp32": "fp32_ir", "int8": "int8_ir"}
     table = {}
     for row in speed.get("rows", []):
-        stage = stages.get(row.get("engine") or row.get("variant") or row.get("stage"))
+        stage = stages.get(row.get("engine"))
         if stage and row.get("p50_ms"):
             table[(row["algorithm"], row["backbone"], stage)] = float(row["p50_ms"])
     return table

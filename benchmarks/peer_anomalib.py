@@ -20,7 +20,8 @@ Runs in OUR venv and never imports anomalib. It
    of the INT8 bundle from its bundle.json (torch and FP32 IR beside it), training time from the run's
    metrics.json, and `edge-ad` end to end as a subprocess (benchmarks.pipeline_fps: a video made from the
    same test images at their size on disk, a real mosquitto, every frame; also the same PNG files through
-   --images), and the installed size of a runtime-only venv (`pip install` of this checkout, no extras);
+   --images), and the installed size of the runtime-only venv (`pip install` of this checkout, no extras;
+   built and cached by benchmarks.footprint);
 4. writes OUT_DIR/peer.md and OUT_DIR/peer.json (ours, theirs, ratio, target) and prints the table.
 Bad input (missing data, variants, bundles, pip failure) ends with one line and exit code 2.
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import pipeline_fps as pf
+from benchmarks.footprint import DEFAULT_VENV_CACHE, _clean_env, ensure_runtime_venv, site_packages
 from benchmarks.variants import Variant, load_variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,14 +268,6 @@ def _pip(venv: Path, args: list[str], log_path: Path, what: str) -> None:
                              f"see {log_path}")
 
 
-def _clean_env(venv: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
-    env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
-    env["VIRTUAL_ENV"] = str(venv)
-    env["PYTHONNOUSERSITE"] = "1"
-    return env
-
-
 def installed_anomalib(venv: Path) -> str | None:
     python = venv / "bin" / "python"
     if not python.exists():
@@ -471,13 +464,6 @@ def our_side(args, variant: Variant, video: Path, sequence: Path, broker: pf.Mos
     }
 
 
-def site_packages(venv: Path) -> Path:
-    found = sorted(venv.glob("lib/python*/site-packages"))
-    if not found:
-        raise PeerError(f"{venv}: no lib/python*/site-packages")
-    return found[0]
-
-
 def tree_size(path: Path) -> int:
     """Bytes on disk under path (du -sb: apparent sizes, links not followed)."""
     proc = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True)
@@ -491,30 +477,14 @@ def largest(path: Path, count: int = 8) -> list[tuple[str, int]]:
     return sorted(sizes, key=lambda item: -item[1])[:count]
 
 
-def runtime_venv(args, workdir: Path) -> Path:
-    """A fresh venv with `pip install <this checkout>` (base package only), built from a copy of the sources."""
+def runtime_venv(args) -> Path:
+    """The runtime-only venv (`pip install` of this checkout, base package only): `--runtime-venv`, or the one
+    `benchmarks.footprint` builds and caches, so both benchmarks measure the same install."""
     if args.runtime_venv is not None:
         if not (args.runtime_venv / "bin" / "python").exists():
             raise PeerInputError(f"--runtime-venv {args.runtime_venv}: not a venv")
         return args.runtime_venv
-    src = workdir / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        if (REPO / name).is_file():
-            shutil.copy2(REPO / name, src / name)
-    for name in ("edge_ad", "training", "deploy", "calibration"):  # the packages pyproject may list
-        if (REPO / name / "__init__.py").is_file():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    venv = workdir / "runtime-venv"
-    say("runtime-only venv: python -m venv + pip install edge-ad (base, no extras; about a minute) ...")
-    proc = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PeerInputError(f"python -m venv failed: {proc.stderr.strip()[-200:]}")
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           str(src)], capture_output=True, text=True, env=_clean_env(venv), cwd=workdir)
-    if proc.returncode != 0:
-        raise PeerInputError(f"pip install edge-ad into a fresh venv failed: {pf._tail(proc.stderr, 1)[:300]}")
-    return venv
+    return Path(ensure_runtime_venv(DEFAULT_VENV_CACHE)["venv"])
 
 
 # -- main -----------------------------------------------------------------------------------------------------
@@ -554,7 +524,7 @@ def main(argv=None) -> int:
             with pf.Mosquitto(mosquitto, workdir) as broker:
                 for variant in variants:
                     ours[variant.algorithm] = our_side(args, variant, video, sequence, broker, workdir)
-            runtime = runtime_venv(args, workdir)
+            runtime = runtime_venv(args)
             runtime_sp = site_packages(runtime)
             theirs_sp = site_packages(args.venv.expanduser())
             sizes = {"ours_site_packages": tree_size(runtime_sp), "ours_largest": largest(runtime_sp),

@@ -79,6 +79,27 @@ def _bundle_done(bundle: Path) -> bool:
     return (bundle / "bundle.json").is_file() and (bundle / "model.xml").is_file()
 
 
+def train_run(runs: Path, logs: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
+              epochs: int | None, *extra: str) -> Path:
+    """Train with the user's command and return the new run folder."""
+    name = f"{algorithm}-{backbone}-{category}"
+    train_args = ["-m", f"training.{algorithm}", "--data-root", str(data_root), "--category", category,
+                  "--backbone", backbone, "--image-size", str(image_size), "--out", str(runs), *extra]
+    if epochs is not None:
+        train_args += ["--epochs", str(epochs)]
+    _command(f"train {name}", *train_args, log_file=logs / f"train-{name}.log")
+    run_dir = find_run(runs, algorithm, backbone, category, data_root, image_size, epochs)
+    if run_dir is None:
+        raise RunError(f"training {name} finished but left no run folder in {runs}")
+    return run_dir
+
+
+def export_bundle(run_dir: Path, bundle: Path, name: str, logs: Path) -> None:
+    if not _bundle_done(bundle):
+        _command(f"export {name}", "-m", "deploy.export", str(run_dir), "--out", str(bundle), "--force",
+                 log_file=logs / f"export-{name}.log")
+
+
 def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, category: str) -> Variant | None:
     runs, bundles, logs = args.work / "runs", args.work / "bundles", args.work / "logs"
     epochs = args.epochs if algorithm == "stfpm" else None
@@ -88,31 +109,15 @@ def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, cat
         log.warning("%s: no finished run in %s and --no-train: left out", name, runs)
         return None
     if run_dir is None:
-        train_args = ["-m", f"training.{algorithm}", "--data-root", str(args.data_root), "--category", category,
-                      "--backbone", backbone, "--image-size", str(args.image_size), "--out", str(runs)]
-        if epochs is not None:
-            train_args += ["--epochs", str(epochs)]
-        _command(f"train {name}", *train_args, log_file=logs / f"train-{name}.log")
-        run_dir = find_run(runs, algorithm, backbone, category, args.data_root, args.image_size, epochs)
-        if run_dir is None:
-            raise RunError(f"training {name} finished but left no run folder in {runs}")
+        run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, args.image_size, epochs)
     else:
         log.info("%s: reusing %s", name, run_dir)
     fp32, int8 = bundles / f"{run_dir.name}-fp32", bundles / f"{run_dir.name}-int8"
-    if not _bundle_done(fp32):
-        _command(f"export {name}", "-m", "deploy.export", str(run_dir), "--out", str(fp32), "--force",
-                 log_file=logs / f"export-{name}.log")
+    export_bundle(run_dir, fp32, name, logs)
     if not _bundle_done(int8):
         _command(f"quantize {name}", "-m", "calibration.quantize", str(fp32), "--run-dir", str(run_dir),
                  "--out", str(int8), "--force", log_file=logs / f"quantize-{name}.log")
     return Variant(algorithm, backbone, category, run_dir.resolve(), fp32.resolve(), int8.resolve())
-
-
-def machine() -> dict:
-    """What the figures were measured on; printed with them."""
-    from benchmarks.pipeline_fps import machine_info
-
-    return machine_info()
 
 
 def _read(path: Path) -> str:
@@ -170,22 +175,19 @@ def grid_figure(args: argparse.Namespace) -> None:
     data = work / "data"
     if not (data / "synthetic").is_dir():
         generate_synthetic_dataset(data, image_size=128, n_train=60, n_test_good=4, n_test_defect=12, seed=1)
-    run_dir = find_run(work / "runs", "stfpm", "mobilenet_v2", "synthetic", data, 128, 8)
-    if run_dir is None:
-        _command("train grid model", "-m", "training.stfpm", "--data-root", str(data), "--category", "synthetic",
-                 "--image-size", "128", "--epochs", "8", "--batch-size", "8", "--out", str(work / "runs"),
-                 log_file=args.work / "logs" / "train-grid.log")
-        run_dir = find_run(work / "runs", "stfpm", "mobilenet_v2", "synthetic", data, 128, 8)
+    logs = args.work / "logs"
+    run_dir = (find_run(work / "runs", "stfpm", "mobilenet_v2", "synthetic", data, 128, 8)
+               or train_run(work / "runs", logs, "stfpm", "mobilenet_v2", "synthetic", data, 128, 8, "--batch-size", "8"))
     bundle = work / "bundle"
-    if not _bundle_done(bundle):
-        _command("export grid model", "-m", "deploy.export", str(run_dir), "--out", str(bundle), "--force",
-                 log_file=args.work / "logs" / "export-grid.log")
+    export_bundle(run_dir, bundle, "grid", logs)
     heatmap_grid(bundle, data, "synthetic", args.out / "heatmap_grid.png")
 
 
 def run(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    from benchmarks.pipeline_fps import machine_info
+
+    info = machine_info()  # what the figures were measured on; printed with them
     log.info("machine: %s", info)
     variants_json = args.out / "variants.json"
     if "models" in args.steps:
