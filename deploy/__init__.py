@@ -1,1 +1,1 @@
-"""torch -> OpenVINO IR export and bundle writing (extra [train]); see deploy/README_SECTION.md."""
+"""torch -> OpenVINO IR export and bundle writing (extra [train]); see the README, "Export to OpenVINO"."""

@@ -80,6 +80,8 @@ class DfmModel(nn.Module):
         features = self.tap_features(images)
         batch = features.shape[0]
         centered = features.reshape(batch, -1) - self.mean
+        # OpenVINO stores `components` twice (as is and transposed) so both products run as fast
+        # fully-connected layers; a one-copy graph was measured slower (benchmarks/README_SECTION_speed.md).
         projection = centered @ self.components.T
         residual = centered - projection @ self.components
         squared_error = residual.pow(2)
