@@ -35,6 +35,10 @@ def jittered(attempt: int, initial: float, maximum: float) -> float:
     return base * _rng.uniform(0.5, 1.0)
 
 
+def _network_thread_writes(client, userdata, sock) -> None:
+    """paho's "socket wants writing" hook: nothing to do, Link's own loop() writes (see Link.__init__)."""
+
+
 class Link:
     """Connects, then keeps `client` connected until close(); reports up/down through callbacks.
 
@@ -57,6 +61,11 @@ class Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_log = self._on_log
+        # Without loop_start(), paho's publish() writes to the socket from the calling thread while
+        # this thread reads it: harmless on TCP, but an SSL connection must not be used by two threads
+        # at once (under load it broke TLS links). With a write hook registered, publish() only queues
+        # the packet and wakes this thread's select(), which then writes it.
+        client.on_socket_register_write = _network_thread_writes
 
     @property
     def connected(self) -> bool:
@@ -193,5 +202,8 @@ class Link:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("MQTT network thread did not stop within %.0f s", timeout)
-        else:
-            self.client.loop(timeout=0.1)  # flush the DISCONNECT when no thread runs
+                return  # still using the socket: leave it alone
+        try:
+            self.client.loop(timeout=0.1)  # flush the DISCONNECT if the thread stopped before writing it
+        except Exception:  # noqa: BLE001
+            pass

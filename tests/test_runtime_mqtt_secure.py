@@ -113,3 +113,51 @@ def test_untrusted_broker_certificate_fails_clearly(secure_broker, bundle_dir, s
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-ad: error:")]
     assert len(errors) == 1 and "TLS error" in errors[0] and f"localhost:{broker.port}" in errors[0]
+
+
+def test_tls_link_writes_only_from_its_network_thread(secure_broker, monkeypatch):
+    """Alerts are published from other threads while the link's thread reads PUBACKs on the same SSL
+    connection, which two threads must never use at once: under load that broke TLS links (the broker
+    dropped the connection mid-shutdown and edge-ad hung). Every socket write must come from the link's
+    thread. (paho's _sock_send is wrapped to see who writes: the one private name this test uses.)"""
+    from edge_ad.link import Link
+    from edge_ad.mqtt import MqttSettings, make_client
+
+    broker, folder = secure_broker
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", PASSWORD)
+    settings = MqttSettings(host="localhost", port=int(broker.port), client_id=f"writer-{uuid.uuid4().hex[:6]}",
+                            username="edge", tls=True, ca=str(folder / "ca.pem"), retries=0)
+    client = make_client(settings)
+    lost, acked, writers, done = [], [], set(), threading.Event()
+    per_thread, threads = 200, 3
+
+    def on_publish(c, userdata, mid, reason_code, properties):
+        acked.append(mid)
+        if len(acked) == per_thread * threads:
+            done.set()
+
+    client.on_publish = on_publish
+    link = Link(client, settings, on_up=lambda: None, on_down=lost.append)
+    link.start()
+    send = client._sock_send
+
+    def recording_send(data):
+        writers.add(threading.current_thread().name)
+        return send(data)
+
+    client._sock_send = recording_send
+    try:
+        def publish_many():
+            for _ in range(per_thread):
+                client.publish("edge-ad/writer/x", b"x" * 2000, qos=1)
+
+        workers = [threading.Thread(target=publish_many, name=f"publisher-{n}") for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert done.wait(60), f"{len(acked)} of {per_thread * threads} acknowledged; connection lost: {lost}"
+        assert lost == [] and link.reconnects == 0
+        assert writers == {"edge-ad-mqtt"}
+    finally:
+        link.close()
