@@ -203,7 +203,4 @@ class Link:
             if self._thread.is_alive():
                 log.warning("MQTT network thread did not stop within %.0f s", timeout)
                 return  # still using the socket: leave it alone
-        try:
-            self.client.loop(timeout=0.1)  # flush the DISCONNECT if the thread stopped before writing it
-        except Exception:  # noqa: BLE001
-            pass
+        self.client.loop(timeout=0.1)  # flush the DISCONNECT if the thread stopped before writing it
