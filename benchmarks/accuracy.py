@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.variants import Variant, load_variants
-from edge_ad.tool_cli import run_tool
+from edge_ad.ops.tool_cli import run_tool
 
 log = logging.getLogger("benchmarks.accuracy")
 

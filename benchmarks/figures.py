@@ -1,8 +1,8 @@
 """The README's pictures: accuracy against latency per variant, and what the runtime sees on test images.
 
 The heatmap grid is drawn from generated data (MVTec AD cannot be redistributed) through the same path
-as the runtime: the bundle compiled by `edge_ad.inference`, thresholds and regions from
-`edge_ad.scoring`, overlay from `edge_ad.snapshots`.
+as the runtime: the bundle compiled by `edge_ad.model.inference`, thresholds and regions from
+`edge_ad.decide.scoring`, overlay from `edge_ad.deliver.snapshots`.
 
     python -m benchmarks.figures --results benchmarks/results --grid-bundle B --grid-data ROOT --grid-category C
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_ad.tool_cli import run_tool
+from edge_ad.ops.tool_cli import run_tool
 
 log = logging.getLogger("benchmarks.figures")
 
@@ -90,10 +90,10 @@ def accuracy_vs_latency(accuracy_rows: list[dict], latency_ms: dict[tuple[str, s
 def heatmap_grid(bundle_dir: Path, data_root: Path, category: str, out: Path, n_defective: int = 6,
                  n_good: int = 2, pixel_threshold: float = 0.5) -> Path:
     """Test images, each with its true mask outlined (green) beside the runtime's heatmap and regions."""
-    from edge_ad.images import read_image
-    from edge_ad.inference import compile_bundle
-    from edge_ad.scoring import Scorer
-    from edge_ad.snapshots import overlay
+    from edge_ad.sources.images import read_image
+    from edge_ad.model.inference import compile_bundle
+    from edge_ad.decide.scoring import Scorer
+    from edge_ad.deliver.snapshots import overlay
     from training.data.mvtec import load_category
 
     plt = _pyplot()

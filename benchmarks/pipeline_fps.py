@@ -427,10 +427,10 @@ def _compiled(stderr: str) -> str | None:
 
 def stage_costs(bundle: Path, video: Path, device: str = "CPU", frames: int = 60, precision: str | None = None) -> dict:
     """Single-threaded median ms per frame of each stage at the video's frame size: where the time goes."""
-    from edge_ad.inference import compile_bundle
+    from edge_ad.model.inference import compile_bundle
     from edge_ad.pipeline import default_prepare_threads
-    from edge_ad.preprocess import preprocess
-    from edge_ad.scoring import Scorer
+    from edge_ad.model.preprocess import preprocess
+    from edge_ad.decide.scoring import Scorer
 
     def median_ms(samples):
         return round(statistics.median(samples) * 1000.0, 3) if samples else None

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.variants import Variant, save_variants
-from edge_ad.tool_cli import run_tool
+from edge_ad.ops.tool_cli import run_tool
 
 log = logging.getLogger("benchmarks.run")
 

@@ -128,18 +128,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from edge_ad.events import Topics, model_identity
-    from edge_ad.inference import Detector
-    from edge_ad.mqtt import MqttSettings
-    from edge_ad.outbox import Outbox
+    from edge_ad.deliver.events import Topics, model_identity
+    from edge_ad.model.inference import Detector
+    from edge_ad.deliver.mqtt import MqttSettings
+    from edge_ad.deliver.outbox import Outbox
     from edge_ad.pipeline import Pipeline
-    from edge_ad.policy import AlertPolicy, Cooldown
-    from edge_ad.scoring import Scorer
-    from edge_ad.sinks import Sink, Sinks
-    from edge_ad.sinks.mqtt import MqttSink
-    from edge_ad.sources import CaptureSource, Frame, FrameSource
-    from edge_ad.stats import RuntimeStats
-    from edge_ad.statusline import setup_logging
+    from edge_ad.decide.policy import AlertPolicy, Cooldown
+    from edge_ad.decide.scoring import Scorer
+    from edge_ad.deliver.sinks import Sink, Sinks
+    from edge_ad.deliver.mqtt_sink import MqttSink
+    from edge_ad.sources.capture import CaptureSource, Frame, FrameSource
+    from edge_ad.ops.stats import RuntimeStats
+    from edge_ad.ops.statusline import setup_logging
 
     setup_logging("error")  # ALERT lines are warnings: thousands of them here
     work = Path(tempfile.mkdtemp(prefix="edge-ad-soak-"))

@@ -9,7 +9,7 @@ algorithm and backbone, with the machine and its load stated next to the numbers
 Method (everything at batch 1, the variant's input size, 256x256 for the real models):
 - latency: the torch module of `training.run_dir.load_model` under `torch.inference_mode()` with torch's
   default threads; the bundles compiled exactly as the runtime compiles them
-  (`edge_ad.inference.compile_bundle`: uint8 input with the pixel conversion in the graph, LATENCY hint,
+  (`edge_ad.model.inference.compile_bundle`: uint8 input with the pixel conversion in the graph, LATENCY hint,
   f32 inference precision on CPU) and run with synchronous requests, as `edge-ad bench` does. Each
   (variant, backend) segment does --warmup untimed calls, then --runs timed calls (p50, p99 of that
   segment). Segments are interleaved (every variant and backend once per round, the order rotated each
@@ -160,9 +160,9 @@ def torch_runner(run_dir: Path, threads: int | None = None) -> tuple[Callable[[]
 
 def openvino_runner(bundle: Path) -> tuple[Callable[[], object], dict]:
     """The bundle compiled as `edge-ad run --mode latency` compiles it; one synchronous request."""
-    from edge_ad.bundle import BundleError
+    from edge_ad.model.bundle import BundleError
     from edge_ad.errors import EdgeAdError
-    from edge_ad.inference import compile_bundle
+    from edge_ad.model.inference import compile_bundle
 
     try:
         built = compile_bundle(bundle, "CPU", "latency")

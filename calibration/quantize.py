@@ -127,7 +127,7 @@ def validation_samples(bundle, data_root: Path, category: str, run_dir: Path | N
 
 
 def load_images(samples, spec) -> np.ndarray:
-    """Samples -> (N,3,H,W) float32 through edge_ad.preprocess (training's AnomalyDataset)."""
+    """Samples -> (N,3,H,W) float32 through edge_ad.model.preprocess (training's AnomalyDataset)."""
     from training.data import AnomalyDataset
 
     dataset = AnomalyDataset(samples, spec, cache=False)
@@ -168,7 +168,7 @@ def quantize_bundle(config: QuantizeConfig):
     import openvino as ov
 
     from deploy.ir_eval import IrRunner, measure_ir
-    from edge_ad.bundle import read_bundle, write_bundle
+    from edge_ad.model.bundle import read_bundle, write_bundle
     from training.data import data_fingerprint
     from training.thresholds import thresholds_from_normal
 
@@ -382,13 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from deploy.ir_eval import IrError
-    from edge_ad.bundle import BundleError
-    from edge_ad.images import ImageReadError
+    from edge_ad.model.bundle import BundleError
+    from edge_ad.sources.images import ImageReadError
     from training.data import DatasetError
 
     from calibration.graph import GraphError
 
-    from edge_ad.tool_cli import run_tool
+    from edge_ad.ops.tool_cli import run_tool
 
     args = build_parser().parse_args(argv)
     return run_tool(lambda: quantize_bundle(QuantizeConfig(**vars(args)))[0],

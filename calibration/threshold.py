@@ -23,9 +23,9 @@ from pathlib import Path
 import cv2
 
 from deploy.ir_eval import IrError, IrRunner, infer_images
-from edge_ad.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
-from edge_ad.images import list_images
-from edge_ad.tool_cli import run_tool
+from edge_ad.model.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
+from edge_ad.sources.images import list_images
+from edge_ad.ops.tool_cli import run_tool
 from training.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, thresholds_from_normal
 
 log = logging.getLogger("calibration")

@@ -3,7 +3,7 @@
 The bundle is what an edge PC runs: model.xml/model.bin plus bundle.json with the
 preprocessing, raw thresholds and normalization statistics, training details, the
 metrics of the PyTorch model and of the exported IR on the same test images, the
-library versions and a sha256 of each model file (see edge_ad/bundle.py).
+library versions and a sha256 of each model file (see edge_ad/model/bundle.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import nn
 
 import edge_ad
 from deploy.ir_eval import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, IrError, IrRunner, measure_ir
-from edge_ad.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
-from edge_ad.preprocess import PreprocessSpec
+from edge_ad.model.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+from edge_ad.model.preprocess import PreprocessSpec
 
 log = logging.getLogger("deploy")
 
@@ -320,11 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_ad.images import ImageReadError
+    from edge_ad.sources.images import ImageReadError
     from training.data import DatasetError
     from training.run_dir import RunDirError
 
-    from edge_ad.tool_cli import run_tool
+    from edge_ad.ops.tool_cli import run_tool
 
     args = build_parser().parse_args(argv)
 

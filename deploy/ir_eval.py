@@ -3,7 +3,7 @@
 Export (FP32/FP16 metrics), INT8 calibration (accuracy check against FP32) and
 site threshold recalibration all go through these functions, so every number in
 a bundle comes from the same inference loop and the same preprocessing
-(`edge_ad.preprocess.preprocess`). Only openvino and numpy are imported at module
+(`edge_ad.model.preprocess.preprocess`). Only openvino and numpy are imported at module
 level: the threshold path runs on machines without torch; `predict_ir` and
 `measure_ir` import the training helpers (and with them torch) when called.
 """
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import openvino as ov
 
-from edge_ad.images import ImageReadError, read_image
-from edge_ad.preprocess import FrameError, PreprocessSpec, preprocess
+from edge_ad.sources.images import ImageReadError, read_image
+from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess
 
 if TYPE_CHECKING:  # torch-dependent; imported lazily
     from training.data import Sample

@@ -2,6 +2,6 @@
 
 import sys
 
-from edge_ad.cli import main
+from edge_ad.ops.cli import main
 
 sys.exit(main())

@@ -16,23 +16,23 @@ import socket
 import sys
 import threading
 
-from edge_ad.config import RunConfig
+from edge_ad.ops.config import RunConfig
 from edge_ad.errors import ConfigError
-from edge_ad.events import Topics, model_identity, status_payload
-from edge_ad.inference import Detector
-from edge_ad.mqtt import MqttSettings
-from edge_ad.outbox import Outbox, default_path
+from edge_ad.deliver.events import Topics, model_identity, status_payload
+from edge_ad.model.inference import Detector
+from edge_ad.deliver.mqtt import MqttSettings
+from edge_ad.deliver.outbox import Outbox, default_path
 from edge_ad.pipeline import Pipeline
-from edge_ad.policy import AlertPolicy
-from edge_ad.regions import RoiMask
-from edge_ad.scoring import Scorer
-from edge_ad.sinks import Sink, Sinks
-from edge_ad.sinks.jsonl import JsonlSink
-from edge_ad.sinks.mqtt import MqttSink
-from edge_ad.snapshots import SnapshotWriter
-from edge_ad.sources import Backoff, safe_id, open_source
-from edge_ad.stats import RuntimeStats
-from edge_ad.statusline import StatusLine
+from edge_ad.decide.policy import AlertPolicy
+from edge_ad.decide.regions import RoiMask
+from edge_ad.decide.scoring import Scorer
+from edge_ad.deliver.sinks import Sink, Sinks
+from edge_ad.deliver.jsonl_sink import JsonlSink
+from edge_ad.deliver.mqtt_sink import MqttSink
+from edge_ad.deliver.snapshots import SnapshotWriter
+from edge_ad.sources.capture import Backoff, safe_id, open_source
+from edge_ad.ops.stats import RuntimeStats
+from edge_ad.ops.statusline import StatusLine
 
 log = logging.getLogger("edge_ad")
 

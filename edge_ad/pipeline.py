@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edge_ad.errors import SourceError
-from edge_ad.events import Topics, alert_payload, clear_payload, heartbeat_payload
-from edge_ad.inference import Detector, Result
-from edge_ad.policy import AlertPolicy, Event
-from edge_ad.scoring import Decision, Scorer
-from edge_ad.sinks import Sink
-from edge_ad.snapshots import SnapshotWriter
-from edge_ad.sources import Frame, FrameSource
-from edge_ad.stats import RuntimeStats
-from edge_ad.statusline import StatusLine
+from edge_ad.deliver.events import Topics, alert_payload, clear_payload, heartbeat_payload
+from edge_ad.model.inference import Detector, Result
+from edge_ad.decide.policy import AlertPolicy, Event
+from edge_ad.decide.scoring import Decision, Scorer
+from edge_ad.deliver.sinks import Sink
+from edge_ad.deliver.snapshots import SnapshotWriter
+from edge_ad.sources.capture import Frame, FrameSource
+from edge_ad.ops.stats import RuntimeStats
+from edge_ad.ops.statusline import StatusLine
 
 log = logging.getLogger("edge_ad.pipeline")
 

@@ -13,7 +13,7 @@ def _no_runtime_log_handler_leaks():
     real command does; remove it afterwards so it never writes into a later test's captured stderr."""
     import logging
 
-    from edge_ad.statusline import StatusAwareHandler
+    from edge_ad.ops.statusline import StatusAwareHandler
 
     yield
     root = logging.getLogger()

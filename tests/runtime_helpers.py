@@ -33,8 +33,8 @@ def build_bundle(folder: Path, size: int = SIZE, precision: str = "fp32") -> Pat
     import openvino as ov
     import openvino.opset13 as ops
 
-    from edge_ad.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
-    from edge_ad.preprocess import PreprocessSpec
+    from edge_ad.model.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+    from edge_ad.model.preprocess import PreprocessSpec
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deploy.export import export_run, main
-from edge_ad.bundle import BundleError, read_bundle, write_bundle
+from edge_ad.model.bundle import BundleError, read_bundle, write_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 # Parity is ~1e-6 relative, far below the gaps between the 12 test scores: the AUROC
@@ -90,9 +90,9 @@ TORCH_FREE_INFER = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 import numpy as np, openvino as ov
-from edge_ad.bundle import read_bundle
-from edge_ad.images import list_images, read_image
-from edge_ad.preprocess import preprocess
+from edge_ad.model.bundle import read_bundle
+from edge_ad.sources.images import list_images, read_image
+from edge_ad.model.preprocess import preprocess
 folder = sys.argv[1]
 bundle = read_bundle(folder)
 compiled = ov.Core().compile_model(f"{folder}/{bundle.model.xml}", "CPU")
@@ -138,8 +138,8 @@ def fp16_parity(run_dir: Path, bundle_dir: Path):
     """Parity of a bundle's IR with the run's torch module, on the test images of the synthetic set."""
     from deploy.export import parity
     from deploy.ir_eval import IrRunner
-    from edge_ad.images import read_image
-    from edge_ad.preprocess import preprocess
+    from edge_ad.sources.images import read_image
+    from edge_ad.model.preprocess import preprocess
     from training.run_dir import load_model
 
     model, config = load_model(run_dir)

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_ad.images import ImageReadError
-from edge_ad.preprocess import PreprocessSpec
+from edge_ad.sources.images import ImageReadError
+from edge_ad.model.preprocess import PreprocessSpec
 from training.data import (
     AnomalyDataset,
     DatasetError,

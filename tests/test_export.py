@@ -16,7 +16,7 @@ import torch
 
 from deploy.export import ExportError, export_ir, parity
 from deploy.ir_eval import IrRunner
-from edge_ad.preprocess import PreprocessSpec, preprocess
+from edge_ad.model.preprocess import PreprocessSpec, preprocess
 from training.backbones import BACKBONES, build_backbone
 from training.data.synthetic import add_defect, make_texture, to_uint8
 from training.models.dfm import DfmModel

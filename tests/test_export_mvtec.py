@@ -14,8 +14,8 @@ import torch
 
 from deploy.export import export_ir, parity
 from deploy.ir_eval import IrRunner
-from edge_ad.images import list_images, read_image
-from edge_ad.preprocess import PreprocessSpec, preprocess
+from edge_ad.sources.images import list_images, read_image
+from edge_ad.model.preprocess import PreprocessSpec, preprocess
 from training.backbones import build_backbone
 from training.models.dfm import DfmModel
 from training.models.stfpm import StfpmModel

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from edge_ad.normalization import normalize
+from edge_ad.decide.normalization import normalize
 from training.metrics import compute_metrics, f1_at, f1_optimal, image_auroc, pixel_auroc
 from training.thresholds import thresholds_from_normal
 

@@ -19,7 +19,7 @@ import pytest
 from calibration.graph import CONV_TYPES, split_graph
 from calibration.int8 import RECIPES, Fp32Reference, count_fake_quantize
 from calibration.quantize import images_digest, main
-from edge_ad.bundle import read_bundle
+from edge_ad.model.bundle import read_bundle
 
 def copy_bundle(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
@@ -136,7 +136,7 @@ def test_graph_split_finds_the_head_of_both_algorithms():
     import torch
 
     from deploy.export import convert
-    from edge_ad.preprocess import PreprocessSpec
+    from edge_ad.model.preprocess import PreprocessSpec
     from training.backbones import build_backbone
     from training.models.dfm import DfmModel
     from training.models.stfpm import StfpmModel

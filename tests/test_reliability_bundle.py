@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from runtime_helpers import bundle_dir, make_frame, run_cli, write_video  # noqa: F401  (fixture)
 
-from edge_ad.bundle import BundleError, read_bundle, sha256_file
-from edge_ad.inference import Detector
+from edge_ad.model.bundle import BundleError, read_bundle, sha256_file
+from edge_ad.model.inference import Detector
 
 
 @pytest.fixture

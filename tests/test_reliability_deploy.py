@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from runtime_helpers import REPO
 
-from edge_ad.config import build_config, load_config_file
+from edge_ad.ops.config import build_config, load_config_file
 
 DEPLOY = REPO / "deploy"
 
@@ -107,7 +107,7 @@ def test_systemd_unit_is_hardened_and_restarts_with_back_off():
     assert service["ExecStart"].endswith("edge-ad --config /etc/edge-ad/config.toml")
     assert service["Restart"] == "on-failure" and service["RestartSec"] and service["RestartMaxDelaySec"]
     assert service["RestartPreventExitStatus"] == "2"  # bad configuration: restarting cannot fix it
-    assert service["LoadCredential"].startswith("mqtt-password:")  # edge_ad.mqtt.CREDENTIAL_NAME
+    assert service["LoadCredential"].startswith("mqtt-password:")  # edge_ad.deliver.mqtt.CREDENTIAL_NAME
     assert "PASSWORD" not in service.get("Environment", "")
 
 

@@ -276,7 +276,7 @@ def test_killed_between_publish_and_puback_the_alert_is_sent_after_restart(tmp_p
 
 def test_reconnect_delays_double_up_to_the_maximum_with_jitter():
     """A plant of devices must not reconnect in lock-step: each delay is the doubled base times 0.5..1."""
-    from edge_ad.link import jittered
+    from edge_ad.deliver.link import jittered
 
     for attempt, base in enumerate([1, 2, 4, 8, 16, 30, 30, 30]):
         delays = [jittered(attempt, 1.0, 30.0) for _ in range(200)]

@@ -21,19 +21,19 @@ from runtime_helpers import (  # noqa: F401  (fixtures)
     MOSQUITTO, Broker, Subscriber, bundle_dir, jsonl, make_frame, start_cli, wait_until, write_video,
 )
 
-from edge_ad.config import FIELD_NAMES, RunConfig, build_config
+from edge_ad.ops.config import FIELD_NAMES, RunConfig, build_config
 from edge_ad.errors import ConfigError
-from edge_ad.events import Topics
-from edge_ad.inference import Detector
+from edge_ad.deliver.events import Topics
+from edge_ad.model.inference import Detector
 from edge_ad.pipeline import Pipeline
-from edge_ad.policy import AlertPolicy, Cooldown
-from edge_ad.preprocess import FrameError, PreprocessSpec, preprocess
-from edge_ad.scoring import Scorer
-from edge_ad.sinks import Sinks
-from edge_ad.sinks.jsonl import JsonlSink
-from edge_ad.snapshots import SnapshotWriter
-from edge_ad.sources import Backoff, CaptureSource, Frame, FrameSource, ImageFolderSource
-from edge_ad.stats import RuntimeStats
+from edge_ad.decide.policy import AlertPolicy, Cooldown
+from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess
+from edge_ad.decide.scoring import Scorer
+from edge_ad.deliver.sinks import Sinks
+from edge_ad.deliver.jsonl_sink import JsonlSink
+from edge_ad.deliver.snapshots import SnapshotWriter
+from edge_ad.sources.capture import Backoff, CaptureSource, Frame, FrameSource, ImageFolderSource
+from edge_ad.ops.stats import RuntimeStats
 
 DTYPES = [np.uint8, np.uint16, np.int8, np.int16, np.int32, np.int64, np.uint32, np.float16, np.float32, np.float64,
           np.bool_, np.complex64]
@@ -215,7 +215,7 @@ def png_bomb() -> bytes:
 
 
 def test_image_folder_with_hostile_files_goes_on(tmp_path, monkeypatch):
-    import edge_ad.images
+    import edge_ad.sources.images
 
     folder = tmp_path / "inbox"
     folder.mkdir()
@@ -240,7 +240,7 @@ def test_image_folder_with_hostile_files_goes_on(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_fromfile(path, *args, **kwargs)
 
-    monkeypatch.setattr(edge_ad.images.np, "fromfile", fromfile)
+    monkeypatch.setattr(edge_ad.sources.images.np, "fromfile", fromfile)
     cv2.imwrite(str(folder / "12-good.png"), good)
     source = ImageFolderSource(str(folder))
     source.open()

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from edge_ad.errors import UsageError
-from edge_ad.outbox import Outbox, default_path
+from edge_ad.deliver.outbox import Outbox, default_path
 
 
 def payload(i: int) -> str:
@@ -38,7 +38,7 @@ def test_a_killed_writer_loses_nothing_it_committed(tmp_path):
     path = tmp_path / "o.sqlite"
     code = textwrap.dedent(f"""
         import os, signal
-        from edge_ad.outbox import Outbox
+        from edge_ad.deliver.outbox import Outbox
         box = Outbox({str(path)!r})
         for i in range(20):
             box.add("t", '{{"event_id": "x%d"}}' % i, "x%d" % i)
@@ -53,7 +53,7 @@ def test_a_killed_writer_loses_nothing_it_committed(tmp_path):
 
 def test_bounded_drops_the_oldest_and_counts_it(tmp_path, caplog):
     box = Outbox(tmp_path / "o.sqlite", max_rows=3)
-    with caplog.at_level(logging.WARNING, logger="edge_ad.outbox"):
+    with caplog.at_level(logging.WARNING, logger="edge_ad.deliver.outbox"):
         for i in range(7):
             box.add("t", payload(i), f"id-{i}")
     assert [r.event_id for r in box.head(10)] == ["id-4", "id-5", "id-6"]
@@ -68,7 +68,7 @@ def test_bounded_drops_the_oldest_and_counts_it(tmp_path, caplog):
 
 def test_one_process_per_outbox(tmp_path):
     box = Outbox(tmp_path / "o.sqlite")
-    code = f"from edge_ad.outbox import Outbox; Outbox({str(tmp_path / 'o.sqlite')!r})"
+    code = f"from edge_ad.deliver.outbox import Outbox; Outbox({str(tmp_path / 'o.sqlite')!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "is in use by another edge-ad process" in proc.stderr
     box.close()
@@ -78,7 +78,7 @@ def test_one_process_per_outbox(tmp_path):
 def test_a_corrupt_file_is_moved_aside_loudly(tmp_path, caplog):
     path = tmp_path / "o.sqlite"
     path.write_bytes(b"this is not a database" * 100)
-    with caplog.at_level(logging.ERROR, logger="edge_ad.outbox"):
+    with caplog.at_level(logging.ERROR, logger="edge_ad.deliver.outbox"):
         box = Outbox(path)
     assert len(box) == 0 and box.add("t", payload(1), "id-1")
     moved = list(tmp_path.glob("o.sqlite.corrupt-*"))

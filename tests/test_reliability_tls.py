@@ -15,7 +15,7 @@ from runtime_helpers import (  # noqa: F401  (fixtures)
     write_video,
 )
 
-from edge_ad.outbox import Outbox
+from edge_ad.deliver.outbox import Outbox
 
 pytestmark = pytest.mark.mosquitto
 OLD, NEW, DASH, WRONG = "0ld-Pa55word", "n3w-Pa55word", "dash-Pa55word", "wr0ng-Gue55"
@@ -182,7 +182,7 @@ def test_tls_always_verifies_the_broker_certificate_and_name(pki):
     """TLS on means: the broker's certificate must chain to the CA *and* name the host we dialled."""
     import ssl
 
-    from edge_ad.mqtt import MqttSettings, make_client
+    from edge_ad.deliver.mqtt import MqttSettings, make_client
 
     for settings in (MqttSettings(host="localhost", tls=True), MqttSettings(host="localhost", ca=str(pki / "ca.pem")),
                      MqttSettings(host="localhost", ca=str(pki / "ca.pem"), cert=str(pki / "line3.pem"),

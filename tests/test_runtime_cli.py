@@ -10,7 +10,7 @@ import cv2
 import pytest
 from runtime_helpers import bundle_dir, free_port, make_frame, run_cli  # noqa: F401  (fixture)
 
-from edge_ad.cli import main
+from edge_ad.ops.cli import main
 
 
 def one_line_error(proc, *fragments):
@@ -32,9 +32,9 @@ def video(tmp_path_factory):
 
 
 def test_no_torch_in_the_runtime():
-    code = ("import edge_ad.cli, edge_ad.app, edge_ad.inference, edge_ad.pipeline, edge_ad.sources, edge_ad.regions, "
-            "edge_ad.policy, edge_ad.scoring, edge_ad.sinks.mqtt, edge_ad.sinks.jsonl, edge_ad.snapshots, "
-            "edge_ad.bench, edge_ad.listen, edge_ad.config; import sys; "
+    code = ("import edge_ad.ops.cli, edge_ad.app, edge_ad.model.inference, edge_ad.pipeline, edge_ad.sources.capture, edge_ad.decide.regions, "
+            "edge_ad.decide.policy, edge_ad.decide.scoring, edge_ad.deliver.mqtt_sink, edge_ad.deliver.jsonl_sink, edge_ad.deliver.snapshots, "
+            "edge_ad.ops.bench, edge_ad.ops.listen, edge_ad.ops.config; import sys; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     import subprocess
 
@@ -183,7 +183,7 @@ def test_log_handler_follows_a_replaced_stderr(monkeypatch):
     import logging
     import sys
 
-    from edge_ad.statusline import setup_logging
+    from edge_ad.ops.statusline import setup_logging
 
     first = io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)

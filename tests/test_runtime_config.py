@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from edge_ad.cli import main
-from edge_ad.config import RunConfig, build_config, load_config_file
+from edge_ad.ops.cli import main
+from edge_ad.ops.config import RunConfig, build_config, load_config_file
 from edge_ad.errors import ConfigError
 
 BASE = {"video": "v.avi", "model": "bundle"}

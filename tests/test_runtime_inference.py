@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from runtime_helpers import bundle_dir, make_frame  # noqa: F401  (fixture)
 
-from edge_ad.bench import benchmark, format_report
-from edge_ad.bundle import BundleError
+from edge_ad.ops.bench import benchmark, format_report
+from edge_ad.model.bundle import BundleError
 from edge_ad.errors import UsageError
-from edge_ad.inference import Detector, compile_model, compile_options, load_model
-from edge_ad.preprocess import preprocess
-from edge_ad.sources import Frame
+from edge_ad.model.inference import Detector, compile_model, compile_options, load_model
+from edge_ad.model.preprocess import preprocess
+from edge_ad.sources.capture import Frame
 
 
 def frame(index: int, boxes=()) -> Frame:
@@ -87,7 +87,7 @@ def test_ir_that_does_not_match_the_contract(bundle_dir, tmp_path):
     import openvino as ov
     import openvino.opset13 as ops
 
-    from edge_ad.bundle import read_bundle, write_bundle
+    from edge_ad.model.bundle import read_bundle, write_bundle
 
     folder = tmp_path / "wrong"
     shutil.copytree(bundle_dir, folder)
@@ -116,8 +116,8 @@ def build_colour_bundle(folder, color: str = "RGB", size: int = 48):
     import openvino as ov
     import openvino.opset13 as ops
 
-    from edge_ad.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
-    from edge_ad.preprocess import PreprocessSpec
+    from edge_ad.model.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+    from edge_ad.model.preprocess import PreprocessSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     image = ops.parameter([1, 3, size, size], np.float32, name="image")
@@ -201,7 +201,7 @@ def test_bench_measures_what_the_pipeline_runs(bundle_dir):
 
 def test_host_preprocessing_when_the_ir_refuses_the_uint8_input(bundle_dir, monkeypatch, caplog):
     """Should PrePostProcessor reject an IR, the runtime preprocesses on the host as before (same outputs)."""
-    import edge_ad.inference as inference
+    import edge_ad.model.inference as inference
 
     def refuse(model, spec, name):
         raise RuntimeError("no layout for this input")

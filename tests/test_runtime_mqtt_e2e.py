@@ -24,7 +24,7 @@ from runtime_helpers import (  # noqa: F401  (fixtures)
     REPO, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, run_cli, write_video,
 )
 
-from edge_ad.bundle import bundle_hash, read_bundle
+from edge_ad.model.bundle import bundle_hash, read_bundle
 
 pytestmark = pytest.mark.mosquitto
 

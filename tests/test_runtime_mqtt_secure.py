@@ -120,8 +120,8 @@ def test_tls_link_writes_only_from_its_network_thread(secure_broker, monkeypatch
     connection, which two threads must never use at once: under load that broke TLS links (the broker
     dropped the connection mid-shutdown and edge-ad hung). Every socket write must come from the link's
     thread. (paho's _sock_send is wrapped to see who writes: the one private name this test uses.)"""
-    from edge_ad.link import Link
-    from edge_ad.mqtt import MqttSettings, make_client
+    from edge_ad.deliver.link import Link
+    from edge_ad.deliver.mqtt import MqttSettings, make_client
 
     broker, folder = secure_broker
     monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", PASSWORD)

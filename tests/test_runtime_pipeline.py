@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from runtime_helpers import bundle_dir, make_frame  # noqa: F401  (fixture)
 
-from edge_ad.events import Topics
-from edge_ad.inference import Detector
+from edge_ad.deliver.events import Topics
+from edge_ad.model.inference import Detector
 from edge_ad.pipeline import Pipeline, PrepareStage
-from edge_ad.policy import AlertPolicy, Cooldown
-from edge_ad.preprocess import FrameError
-from edge_ad.scoring import Scorer
-from edge_ad.sinks import Sinks
-from edge_ad.sinks.jsonl import JsonlSink
-from edge_ad.sources import Frame, FrameSource
-from edge_ad.stats import RuntimeStats
+from edge_ad.decide.policy import AlertPolicy, Cooldown
+from edge_ad.model.preprocess import FrameError
+from edge_ad.decide.scoring import Scorer
+from edge_ad.deliver.sinks import Sinks
+from edge_ad.deliver.jsonl_sink import JsonlSink
+from edge_ad.sources.capture import Frame, FrameSource
+from edge_ad.ops.stats import RuntimeStats
 
 
 class FakeDetector:
@@ -225,7 +225,7 @@ def test_unusable_frames_are_skipped_by_the_stage(bundle_dir, tmp_path):
 
 def test_prepare_errors_are_frame_errors():
     """What try_prepare turns into a count: the preprocess module's FrameError."""
-    from edge_ad.preprocess import PreprocessSpec, resize_for_model
+    from edge_ad.model.preprocess import PreprocessSpec, resize_for_model
 
     with pytest.raises(FrameError):
         resize_for_model(np.zeros((0, 3), np.uint8), PreprocessSpec.square(8))

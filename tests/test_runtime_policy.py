@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_ad.policy import AlertPolicy, Cooldown, Event
+from edge_ad.decide.policy import AlertPolicy, Cooldown, Event
 
 
 def feed(policy: AlertPolicy, flags, fps: float = 10.0):

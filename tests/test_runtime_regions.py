@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_ad.bundle import Thresholds
-from edge_ad.normalization import normalize
-from edge_ad.regions import RoiMask, extract_regions, find_regions
-from edge_ad.scoring import Scorer, raw_threshold
+from edge_ad.model.bundle import Thresholds
+from edge_ad.decide.normalization import normalize
+from edge_ad.decide.regions import RoiMask, extract_regions, find_regions
+from edge_ad.decide.scoring import Scorer, raw_threshold
 
 THRESHOLDS = Thresholds(image=0.15, pixel=0.25, image_min=0.0, image_max=0.3, pixel_min=0.0, pixel_max=0.5)
 

@@ -11,7 +11,7 @@ import pytest
 from runtime_helpers import make_frame, write_video
 
 from edge_ad.errors import SourceError
-from edge_ad.sources import Backoff, CaptureSource, ImageFolderSource, open_source
+from edge_ad.sources.capture import Backoff, CaptureSource, ImageFolderSource, open_source
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_backoff_schedule():
 
 
 def test_frames_of_any_shape_reach_the_model_input():
-    from edge_ad.preprocess import PreprocessSpec, preprocess
+    from edge_ad.model.preprocess import PreprocessSpec, preprocess
 
     spec = PreprocessSpec.square(64)
     for frame in (np.zeros((480, 640, 3), np.uint8), np.zeros((31, 17), np.uint8), np.zeros((50, 70, 1), np.uint8)):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from calibration.threshold import main
-from edge_ad.bundle import read_bundle
+from edge_ad.model.bundle import read_bundle
 from training.data.synthetic import make_texture, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def test_run_folder_contents(run_fixture, request):
 @pytest.mark.parametrize("run_fixture", ["stfpm_run", "dfm_run"])
 def test_reloaded_model_reproduces_its_test_metrics(run_fixture, request):
     """load_model rebuilds the exact module offline; its scores give the recorded AUROC."""
-    from edge_ad.preprocess import PreprocessSpec
+    from edge_ad.model.preprocess import PreprocessSpec
     from training.data import load_category, make_loader
     from training.metrics import image_auroc
     from training.predict import predict

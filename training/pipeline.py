@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_ad.preprocess import PreprocessSpec
+from edge_ad.model.preprocess import PreprocessSpec
 from training import run_dir as runs
 from training.config import TrainConfig
 from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
@@ -130,8 +130,8 @@ def report(config: TrainConfig, metrics: dict, run_dir: Path) -> None:
 
 def run_cli(train_fn, config: TrainConfig) -> int:
     """Clear one-line errors for bad input instead of tracebacks."""
-    from edge_ad.images import ImageReadError
-    from edge_ad.tool_cli import run_tool
+    from edge_ad.sources.images import ImageReadError
+    from edge_ad.ops.tool_cli import run_tool
     from training.backbones import BackboneWeightsError
     from training.data import DatasetError
 

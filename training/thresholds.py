@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_ad.bundle import Thresholds
+from edge_ad.model.bundle import Thresholds
 
 DEFAULT_IMAGE_FPR = 0.01
 DEFAULT_PIXEL_FPR = 0.001

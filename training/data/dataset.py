@@ -1,6 +1,6 @@
 """Torch view of a list of samples: exactly the tensors the deployed model will see.
 
-Every image goes through ``edge_ad.preprocess.preprocess`` (the one definition
+Every image goes through ``edge_ad.model.preprocess.preprocess`` (the one definition
 shared with the runtime), so there is no training-only resize or color path.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edge_ad.images import read_image
-from edge_ad.preprocess import FrameError, PreprocessSpec, preprocess, preprocess_mask
+from edge_ad.sources.images import read_image
+from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess, preprocess_mask
 
 from .errors import DatasetError
 from .mvtec import Sample

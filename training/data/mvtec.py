@@ -9,7 +9,7 @@ Layout (``good`` = normal)::
 Problems are reported up front with one clear line each, because a silently
 half-read dataset gives a model whose metrics look fine and mean nothing.
 Images themselves are only decoded later (by the Dataset), so a corrupt file
-surfaces as ``edge_ad.images.ImageReadError`` naming that file.
+surfaces as ``edge_ad.sources.images.ImageReadError`` naming that file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_ad.images import IMAGE_SUFFIXES, list_images
+from edge_ad.sources.images import IMAGE_SUFFIXES, list_images
 
 from .errors import DatasetError
 

@@ -20,8 +20,8 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_ad.link import jittered
-from edge_ad.outbox import Outbox
+from edge_ad.deliver.link import jittered
+from edge_ad.deliver.outbox import Outbox
 
 log = logging.getLogger("edge_ad.delivery")
 

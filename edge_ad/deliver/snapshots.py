@@ -11,8 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_ad.preprocess import as_bgr_uint8, resize_map
-from edge_ad.regions import Region
+from edge_ad.model.preprocess import as_bgr_uint8, resize_map
+from edge_ad.decide.regions import Region
 
 
 def overlay(frame: np.ndarray, normalized_map: np.ndarray, regions: list[Region], alpha: float = 0.45) -> np.ndarray:

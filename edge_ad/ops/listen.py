@@ -14,7 +14,7 @@ import sys
 import time
 
 from edge_ad.errors import EdgeAdError
-from edge_ad.mqtt import MqttSettings, connect, make_client
+from edge_ad.deliver.mqtt import MqttSettings, connect, make_client
 
 log = logging.getLogger("edge_ad.listen")
 

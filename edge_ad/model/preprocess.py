@@ -99,7 +99,7 @@ def resize_for_model(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
     The geometric half of `preprocess`, and the only part the runtime does on the
     host: the colour order, the float conversion, the scale and the NCHW layout run
-    inside the compiled model (`edge_ad.inference.with_uint8_input`), which gives the
+    inside the compiled model (`edge_ad.model.inference.with_uint8_input`), which gives the
     same tensor as `preprocess` up to float rounding.
     """
     bgr = as_bgr_uint8(frame)

@@ -15,10 +15,10 @@ import os
 import sys
 
 from edge_ad import __version__
-from edge_ad.bundle import BundleError
-from edge_ad.config import MODES, MQTT_VERSIONS, PASSWORD_ENV, PRECISIONS, build_config, default, load_config_file
+from edge_ad.model.bundle import BundleError
+from edge_ad.ops.config import MODES, MQTT_VERSIONS, PASSWORD_ENV, PRECISIONS, build_config, default, load_config_file
 from edge_ad.errors import EXIT_RUNTIME, EXIT_USAGE, EdgeAdError, UsageError
-from edge_ad.statusline import setup_logging
+from edge_ad.ops.statusline import setup_logging
 
 log = logging.getLogger("edge_ad")
 
@@ -208,7 +208,7 @@ def cmd_run(argv: list[str]) -> int:
     config = build_config(values, config_file)
     setup_logging(config.log_level)
     if print_config:
-        from edge_ad.sources import redact_url
+        from edge_ad.sources.capture import redact_url
 
         shown = config.to_dict()
         shown["video"] = redact_url(shown["video"]) if shown["video"] else None
@@ -226,7 +226,7 @@ def cmd_bench(argv: list[str]) -> int:
         raise UsageError("--seconds must be > 0")
     if args.requests < 0:
         raise UsageError("--requests must be >= 0")
-    from edge_ad.bench import benchmark, format_report, to_json
+    from edge_ad.ops.bench import benchmark, format_report, to_json
 
     result = benchmark(args.model, device=args.device, mode=args.mode, seconds=args.seconds, requests=args.requests,
                        precision=args.inference_precision)
@@ -235,9 +235,9 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_listen(argv: list[str]) -> int:
-    from edge_ad.config import RunConfig
-    from edge_ad.listen import EVENTS, listen
-    from edge_ad.mqtt import MqttSettings
+    from edge_ad.ops.config import RunConfig
+    from edge_ad.ops.listen import EVENTS, listen
+    from edge_ad.deliver.mqtt import MqttSettings
 
     args = listen_parser().parse_args(argv)
     setup_logging(args.log_level)

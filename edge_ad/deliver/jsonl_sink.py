@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from edge_ad.errors import UsageError
-from edge_ad.sinks import Sink
+from edge_ad.deliver.sinks import Sink
 
 
 DURABLE = ("alert", "clear")

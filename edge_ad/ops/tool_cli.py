@@ -3,7 +3,7 @@
 Every tool shows its known failures as one line `error: ...` with exit code 2 and Ctrl-C as
 `interrupted` with 130, never a traceback; it logs progress with a time stamp. One place for that, so
 the tools cannot drift apart. (The runtime, `edge-ad`, has its own operator-facing logging in
-`edge_ad.statusline`.)
+`edge_ad.ops.statusline`.)
 """
 
 from __future__ import annotations

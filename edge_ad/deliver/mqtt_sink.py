@@ -19,12 +19,12 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_ad.delivery import Delivery
-from edge_ad.events import Topics, status_payload
-from edge_ad.link import Link
-from edge_ad.mqtt import MqttSettings, make_client
-from edge_ad.outbox import Outbox
-from edge_ad.sinks import Sink
+from edge_ad.deliver.delivery import Delivery
+from edge_ad.deliver.events import Topics, status_payload
+from edge_ad.deliver.link import Link
+from edge_ad.deliver.mqtt import MqttSettings, make_client
+from edge_ad.deliver.outbox import Outbox
+from edge_ad.deliver.sinks import Sink
 
 log = logging.getLogger("edge_ad.mqtt")
 

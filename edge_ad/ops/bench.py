@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from edge_ad.events import model_identity
-from edge_ad.inference import compile_bundle
+from edge_ad.deliver.events import model_identity
+from edge_ad.model.inference import compile_bundle
 
 
 def _summary_ms(samples: list[float]) -> dict:

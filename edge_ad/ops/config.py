@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from edge_ad.errors import ConfigError
-from edge_ad.policy import Cooldown
+from edge_ad.decide.policy import Cooldown
 
 PASSWORD_ENV = "EDGE_AD_MQTT_PASSWORD"
 MODES = ("latency", "throughput")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edge_ad.config import PASSWORD_ENV
+from edge_ad.ops.config import PASSWORD_ENV
 from edge_ad.errors import BrokerError, ConfigError
 
 log = logging.getLogger("edge_ad.mqtt")

@@ -32,10 +32,10 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 from openvino.preprocess import ColorFormat, PrePostProcessor
 
-from edge_ad.bundle import Bundle, BundleError, read_bundle, safe_member
+from edge_ad.model.bundle import Bundle, BundleError, read_bundle, safe_member
 from edge_ad.errors import InferenceError, UsageError
-from edge_ad.preprocess import FrameError, PreprocessSpec, preprocess, resize_for_model
-from edge_ad.sources import Frame
+from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess, resize_for_model
+from edge_ad.sources.capture import Frame
 
 log = logging.getLogger("edge_ad.inference")
 
@@ -143,7 +143,7 @@ def compile_model(core: ov.Core, model: ov.Model, device: str, mode: str,
 def with_uint8_input(model: ov.Model, spec: PreprocessSpec, input_name: str) -> ov.Model:
     """The model with `spec`'s pixel conversion in front: input 1xHxWx3 uint8 BGR (a resized frame as is).
 
-    Same arithmetic as `edge_ad.preprocess.preprocess` after its resize: uint8 -> f32,
+    Same arithmetic as `edge_ad.model.preprocess.preprocess` after its resize: uint8 -> f32,
     BGR -> RGB when the bundle wants RGB, times the float32 scale, NHWC -> NCHW.
     """
     ppp = PrePostProcessor(model)

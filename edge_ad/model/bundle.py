@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edge_ad.preprocess import PreprocessSpec
+from edge_ad.model.preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"

@@ -23,7 +23,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from edge_ad.errors import BrokerError, ConfigError
-from edge_ad.mqtt import CONNACK_TIMEOUT, MqttSettings, set_credentials
+from edge_ad.deliver.mqtt import CONNACK_TIMEOUT, MqttSettings, set_credentials
 
 log = logging.getLogger("edge_ad.mqtt")
 _rng = random.Random()

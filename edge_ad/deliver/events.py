@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from edge_ad import __version__
-from edge_ad.bundle import Bundle, bundle_hash
-from edge_ad.regions import Region
+from edge_ad.model.bundle import Bundle, bundle_hash
+from edge_ad.decide.regions import Region
 
 SCHEMA = 1  # payload schema version, bumped on incompatible changes
 

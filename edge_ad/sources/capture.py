@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from edge_ad.errors import SourceError
-from edge_ad.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
+from edge_ad.sources.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
 
 log = logging.getLogger("edge_ad.sources")
 # Our one-line messages, not OpenCV's and FFmpeg's warnings (users can still override the env var).

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_ad.bundle import Thresholds
-from edge_ad.normalization import normalize
-from edge_ad.regions import DEFAULT_MAX_REGIONS, Region, RoiMask, find_regions
+from edge_ad.model.bundle import Thresholds
+from edge_ad.decide.normalization import normalize
+from edge_ad.decide.regions import DEFAULT_MAX_REGIONS, Region, RoiMask, find_regions
 
 
 def raw_threshold(normalized: float, threshold: float, minimum: float, maximum: float) -> float:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from edge_ad.images import ImageReadError, read_image
+from edge_ad.sources.images import ImageReadError, read_image
 
 DEFAULT_MAX_REGIONS = 10
 

@@ -1,0 +1,1 @@
+"""From raw model outputs to decisions: normalization, thresholds, regions, the alert policy."""

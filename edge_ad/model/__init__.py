@@ -1,0 +1,1 @@
+"""The model stage: the bundle on disk, what the model sees, and OpenVINO inference."""

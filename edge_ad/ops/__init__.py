@@ -1,0 +1,1 @@
+"""Running and watching the runtime: command line, config, statistics, status line, tools."""

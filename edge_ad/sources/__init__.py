@@ -1,0 +1,1 @@
+"""Where frames come from: cameras, video files and streams, folders of still images."""
