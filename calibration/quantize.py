@@ -170,7 +170,7 @@ def quantize_bundle(config: QuantizeConfig):
     from deploy.ir_eval import IrRunner, measure_ir
     from edge_ad.model.bundle import read_bundle, write_bundle
     from training.data import data_fingerprint
-    from training.thresholds import thresholds_from_normal
+    from edge_ad.decide.thresholds import estimate_thresholds
 
     _check_config(config)
     started = time.perf_counter()
@@ -255,7 +255,7 @@ def quantize_bundle(config: QuantizeConfig):
             log.warning("this CPU's INT8 kernels deviate from the quantization grid (agreement %.3f): int16 saturation? "
                         "use a recipe with overflow_fix='enable'", kernel_agreement)
     train_config = bundle.training.config or {}
-    thresholds = thresholds_from_normal(
+    thresholds = estimate_thresholds(
         q_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),
         float(train_config.get("pixel_fpr", 0.001)), source="validation (INT8 IR)",
     )

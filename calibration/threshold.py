@@ -26,7 +26,7 @@ from deploy.ir_eval import IrError, IrRunner, infer_images
 from edge_ad.model.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
 from edge_ad.sources.images import list_images
 from edge_ad.ops.tool_cli import run_tool
-from training.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, thresholds_from_normal
+from edge_ad.decide.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, estimate_thresholds
 
 log = logging.getLogger("calibration")
 
@@ -103,7 +103,7 @@ def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
         log.warning("%d images for a %.3g false-positive target: the image threshold is close to the largest normal score", n, config.target_fpr)
 
     previous = asdict(bundle.thresholds)
-    bundle.thresholds = thresholds_from_normal(
+    bundle.thresholds = estimate_thresholds(
         result.scores, result.maps, config.target_fpr, config.pixel_fpr, source=f"site:{images_dir}, {n} images"
     )
     calibration = dict(bundle.calibration or {})

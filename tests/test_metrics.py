@@ -6,7 +6,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from edge_ad.decide.normalization import normalize
 from training.metrics import compute_metrics, f1_at, f1_optimal, image_auroc, pixel_auroc
-from training.thresholds import thresholds_from_normal
+from edge_ad.decide.thresholds import estimate_thresholds
 
 
 def mann_whitney_auroc(labels, scores):
@@ -79,14 +79,15 @@ def test_compute_metrics_without_masks_has_no_pixel_auroc():
     assert metrics.image_f1_validation_threshold == 1.0
 
 
-def test_thresholds_hit_the_target_false_positive_rate():
+def test_thresholds_pixel_quantile_and_normalization_span():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=1000)
     maps = rng.random((10, 32, 32))
-    thresholds = thresholds_from_normal(scores, maps, target_fpr=0.05, pixel_fpr=0.01)
-    assert np.mean(scores > thresholds.image) == pytest.approx(0.05, abs=0.002)
+    thresholds = estimate_thresholds(scores, maps, target_fpr=0.05, pixel_fpr=0.01)
     assert np.mean(maps > thresholds.pixel) == pytest.approx(0.01, abs=0.001)
-    assert thresholds.image_min == scores.min() and thresholds.image_max == scores.max()
+    assert thresholds.image_min == scores.min()
+    assert thresholds.image_max == max(scores.max(), thresholds.image)
+    assert thresholds.fit["n"] == 1000
 
 
 def test_normalization_puts_threshold_at_half():

@@ -17,7 +17,7 @@ from training.config import TrainConfig
 from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
 from training.metrics import compute_metrics
 from training.predict import Predictions, predict
-from training.thresholds import thresholds_from_normal
+from edge_ad.decide.thresholds import estimate_thresholds
 
 log = logging.getLogger("training")
 
@@ -80,7 +80,7 @@ def evaluate_and_save(
 ) -> Path:
     """Thresholds from validation, metrics on test, then write the run folder."""
     validation = predict(model, loader(data.validation, data, config), device, desc="validation")
-    thresholds = thresholds_from_normal(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr)
+    thresholds = estimate_thresholds(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr)
     test = predict(model, loader(data.test, data, config), device, desc="test")
     metrics = test_metrics(test, thresholds.image, data.has_masks)
 

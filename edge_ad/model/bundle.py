@@ -44,6 +44,7 @@ class Thresholds:
     pixel_max: float
     target_fpr: float | None = None
     source: str = "validation"  # where they were computed: validation split, site images...
+    fit: dict | None = None  # how the image threshold was estimated (edge_ad.decide.thresholds)
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""The one threshold estimator: raw decision thresholds from scores of normal images only.
+
+Training (validation split), INT8 calibration and teach-in on site (`edge-ad teach`) all call
+`estimate_thresholds`, so a threshold means the same thing wherever it was set.
+
+Why not the empirical quantile: the 99 % quantile of 20-50 normal scores is just their maximum,
+and the next few hundred normal parts exceed it far more often than 1 % (measured: 20 % on a
+demo run). Instead the scores are mapped to a near-Gaussian scale (a Yeo-Johnson power transform
+whose exponent is fitted by maximum likelihood on robustly standardized scores), and the
+threshold is the one-sided normal *tolerance* bound there: with probability `confidence`, at
+least (1 - target_fpr) of unseen normal scores fall below it. The bound grows as the sample
+shrinks, which is the honest answer to "how sure are 30 images?". numpy and the standard
+library only: this runs on the edge PC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from edge_ad.model.bundle import Thresholds
+
+DEFAULT_IMAGE_FPR = 0.01
+DEFAULT_PIXEL_FPR = 0.001
+DEFAULT_CONFIDENCE = 0.9
+MIN_NORMAL_SCORES = 8  # below this no tail can be fitted, only guessed
+_LAMBDAS = np.linspace(-3.0, 3.0, 241)
+
+
+class ThresholdEstimateError(ValueError):
+    """Normal scores that cannot give a threshold (too few, not finite, bad rates)."""
+
+
+def _yeo_johnson(x: np.ndarray, lam: float) -> np.ndarray:
+    out = np.empty_like(x)
+    pos = x >= 0
+    if abs(lam) > 1e-8:
+        out[pos] = ((x[pos] + 1.0) ** lam - 1.0) / lam
+    else:
+        out[pos] = np.log1p(x[pos])
+    if abs(lam - 2.0) > 1e-8:
+        out[~pos] = -((1.0 - x[~pos]) ** (2.0 - lam) - 1.0) / (2.0 - lam)
+    else:
+        out[~pos] = -np.log1p(-x[~pos])
+    return out
+
+
+def _yeo_johnson_inverse(y: float, lam: float) -> float:
+    if y >= 0:
+        return math.expm1(math.log1p(lam * y) / lam) if abs(lam) > 1e-8 else math.expm1(y)
+    if abs(lam - 2.0) > 1e-8:
+        return 1.0 - (1.0 - (2.0 - lam) * y) ** (1.0 / (2.0 - lam))
+    return -math.expm1(-y)
+
+
+def _fit_lambda(x: np.ndarray) -> float:
+    """Maximum-likelihood Yeo-Johnson exponent (grid search: no scipy on the edge PC)."""
+    best, best_ll = 1.0, -math.inf
+    log_terms = np.sign(x) * np.log1p(np.abs(x))
+    for lam in _LAMBDAS:
+        y = _yeo_johnson(x, float(lam))
+        variance = float(np.var(y))
+        if not math.isfinite(variance) or variance <= 0:
+            continue
+        ll = -0.5 * len(x) * math.log(variance) + (lam - 1.0) * float(log_terms.sum())
+        if ll > best_ll:
+            best, best_ll = float(lam), ll
+    return best
+
+
+def tolerance_factor(n: int, coverage: float, confidence: float) -> float:
+    """One-sided normal tolerance factor k: mean + k*sd covers `coverage` with `confidence`.
+
+    The standard closed-form approximation (Natrella, NIST handbook 7.2.6.3).
+    """
+    z_p = NormalDist().inv_cdf(coverage)
+    z_g = NormalDist().inv_cdf(confidence)
+    a = 1.0 - z_g**2 / (2.0 * (n - 1))
+    b = z_p**2 - z_g**2 / n
+    if a <= 0:
+        raise ThresholdEstimateError(f"{n} normal scores are too few for {confidence:.0%} confidence")
+    return (z_p + math.sqrt(max(z_p**2 - a * b, 0.0))) / a
+
+
+@dataclass(frozen=True)
+class TailFit:
+    """How the image threshold was set, kept in bundle.json so a reader can check it."""
+
+    method: str
+    n: int
+    confidence: float
+    power: float  # Yeo-Johnson exponent on the standardized scores
+    empirical_quantile: float  # what the raw quantile would have given, for comparison
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "n": self.n, "confidence": self.confidence,
+                "power": round(self.power, 4), "empirical_quantile": self.empirical_quantile}
+
+
+def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
+                    confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, TailFit]:
+    """Raw image threshold for `target_fpr` on unseen normal images, and how it was fitted."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if not 0.0 < target_fpr < 1.0:
+        raise ThresholdEstimateError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
+    if not 0.5 <= confidence < 1.0:
+        raise ThresholdEstimateError(f"confidence must be in [0.5, 1), got {confidence}")
+    if scores.size < MIN_NORMAL_SCORES:
+        raise ThresholdEstimateError(
+            f"{scores.size} normal scores are too few to set a threshold (need at least {MIN_NORMAL_SCORES})")
+    if not np.all(np.isfinite(scores)):
+        raise ThresholdEstimateError("normal scores contain NaN or infinite values")
+    empirical = float(np.quantile(scores, 1.0 - target_fpr))
+    center = float(np.median(scores))
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
+    scale = float(q75 - q25) or float(np.std(scores)) or 1.0
+    standardized = (scores - center) / scale
+    lam = _fit_lambda(standardized)
+    transformed = _yeo_johnson(standardized, lam)
+    k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
+    bound = float(transformed.mean() + k * transformed.std(ddof=1))
+    threshold = center + scale * _yeo_johnson_inverse(bound, lam)
+    if not math.isfinite(threshold):  # the transform's range ended: fall back to the largest score
+        threshold = float(scores.max())
+    fit = TailFit(method="yeo-johnson normal tolerance bound", n=int(scores.size), confidence=confidence,
+                  power=lam, empirical_quantile=empirical)
+    return float(threshold), fit
+
+
+def estimate_thresholds(
+    scores,
+    maps,
+    target_fpr: float = DEFAULT_IMAGE_FPR,
+    pixel_fpr: float = DEFAULT_PIXEL_FPR,
+    source: str = "validation",
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Thresholds:
+    """Image threshold from the fitted tail; pixel threshold and normalization from normal maps.
+
+    Pixels are plentiful (thousands per image), so their (1 - pixel_fpr) quantile is kept as is.
+    """
+    if not 0.0 < pixel_fpr < 1.0:
+        raise ThresholdEstimateError(f"pixel false-positive rate must be in (0, 1), got {pixel_fpr}")
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    pixels = np.asarray(maps, dtype=np.float32).ravel()
+    image, fit = image_threshold(scores, target_fpr, confidence)
+    if pixels.size == 0 or not np.all(np.isfinite(pixels)):
+        raise ThresholdEstimateError("normal anomaly maps are empty or not finite")
+    return Thresholds(
+        image=image,
+        pixel=float(np.quantile(pixels, 1.0 - pixel_fpr)),
+        image_min=float(scores.min()),
+        image_max=float(max(scores.max(), image)),
+        pixel_min=float(pixels.min()),
+        pixel_max=float(pixels.max()),
+        target_fpr=float(target_fpr),
+        source=source,
+        fit=fit.to_dict(),
+    )

@@ -1,0 +1,72 @@
+"""The threshold estimator keeps its false-positive promise on unseen normal scores.
+
+Each case draws a small "validation" sample from a known distribution, sets the threshold, and
+measures the true exceedance probability of that threshold on the distribution itself.
+"""
+
+import numpy as np
+import pytest
+
+from edge_ad.decide.thresholds import (
+    MIN_NORMAL_SCORES,
+    ThresholdEstimateError,
+    estimate_thresholds,
+    image_threshold,
+    tolerance_factor,
+)
+
+DISTRIBUTIONS = {
+    # name: (sampler, survival function for the true false-positive rate)
+    "normal": (lambda rng, n: rng.normal(5.0, 1.0, n), lambda t, rng: np.mean(rng.normal(5.0, 1.0, 400_000) > t)),
+    "lognormal": (lambda rng, n: rng.lognormal(-3.0, 0.6, n), lambda t, rng: np.mean(rng.lognormal(-3.0, 0.6, 400_000) > t)),
+    "gamma": (lambda rng, n: rng.gamma(2.0, 0.01, n), lambda t, rng: np.mean(rng.gamma(2.0, 0.01, 400_000) > t)),
+    "negative-normal": (lambda rng, n: rng.normal(-200.0, 15.0, n), lambda t, rng: np.mean(rng.normal(-200.0, 15.0, 400_000) > t)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_fitted_tail_keeps_the_false_positive_rate_where_the_quantile_does_not(name):
+    sample, true_fpr = DISTRIBUTIONS[name]
+    rng = np.random.default_rng(1)
+    target, runs, n = 0.01, 60, 40
+    fitted, empirical = [], []
+    for _ in range(runs):
+        scores = sample(rng, n)
+        threshold, fit = image_threshold(scores, target_fpr=target, confidence=0.9)
+        fitted.append(true_fpr(threshold, rng))
+        empirical.append(true_fpr(fit.empirical_quantile, rng))
+    fitted, empirical = np.array(fitted), np.array(empirical)
+    # The fitted bound holds the target in most runs (nominally 90 %)...
+    assert np.mean(fitted <= target) >= 0.75, fitted
+    # ...the raw quantile of 40 scores does not (it is about their maximum)...
+    assert np.mean(empirical <= target) < 0.6, empirical
+    # ...and the bound is not absurdly high either: typical false-positive rate stays near the target.
+    assert np.median(fitted) > target / 30, fitted
+
+
+def test_large_samples_converge_to_the_true_quantile():
+    rng = np.random.default_rng(2)
+    threshold, _ = image_threshold(rng.normal(size=20_000), target_fpr=0.01, confidence=0.9)
+    assert threshold == pytest.approx(2.326, abs=0.08)
+
+
+def test_tolerance_factor_grows_as_the_sample_shrinks():
+    factors = [tolerance_factor(n, 0.99, 0.9) for n in (10, 30, 100, 10_000)]
+    assert factors == sorted(factors, reverse=True)
+    assert factors[-1] == pytest.approx(2.326 + 0.03, abs=0.03)
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    with pytest.raises(ThresholdEstimateError, match="too few"):
+        image_threshold(np.arange(MIN_NORMAL_SCORES - 1, dtype=float))
+    with pytest.raises(ThresholdEstimateError, match="NaN"):
+        image_threshold(np.r_[np.arange(20.0), np.nan])
+    with pytest.raises(ThresholdEstimateError, match="false-positive rate"):
+        image_threshold(np.arange(20.0), target_fpr=0.0)
+    with pytest.raises(ThresholdEstimateError, match="maps"):
+        estimate_thresholds(np.arange(20.0), np.array([]))
+
+
+def test_identical_scores_give_a_finite_threshold():
+    threshold, _ = image_threshold(np.full(30, 0.25))
+    assert np.isfinite(threshold) and threshold >= 0.25
