@@ -10,8 +10,10 @@
 3. speed, footprint, roofline (`benchmarks.speed`, `.footprint`, `.roofline`), on the first category.
 4. peer: anomalib on the same data and weights (`benchmarks.peer_anomalib`; installs anomalib in a
    separate environment, so it is opt-in: --steps all, or --steps peer alone).
-5. figures (`benchmarks.figures`), and `summary.md`, which --readme splices into the README between
-   its `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` markers.
+5. figures (`benchmarks.figures`), and `summary.md` (every table). --readme splices a short summary (INT8
+   accuracy, speed, size, the anomalib verdicts) into the README and every table into docs/RESULTS.md
+   (--results-doc), each between its `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` markers.
+   `--steps summary` measures nothing: it rewrites both blocks from the tables and JSON already in --out.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.peer_anomalib import _mib
 from benchmarks.variants import Variant, save_variants
 from edge_ad.ops.tool_cli import run_tool
 
@@ -117,6 +121,9 @@ def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, cat
     if not _bundle_done(int8):
         _command(f"quantize {name}", "-m", "calibration.quantize", str(fp32), "--run-dir", str(run_dir),
                  "--out", str(int8), "--force", log_file=logs / f"quantize-{name}.log")
+    if (run_dir / "report_data.npz").is_file():  # the run's report.html, now with FP32 / INT8 beside torch
+        _command(f"report {name}", "-m", "training.report", str(run_dir), "--bundle", str(fp32), "--bundle", str(int8),
+                 log_file=logs / f"report-{name}.log")
     return Variant(algorithm, backbone, category, run_dir.resolve(), fp32.resolve(), int8.resolve())
 
 
@@ -124,46 +131,139 @@ def _read(path: Path) -> str:
     return path.read_text().strip() if path.is_file() else f"_(not measured in this run: {path.name} missing)_"
 
 
-def summary(out: Path, info: dict, categories: list[str], steps: list[str]) -> str:
-    """The README's results block, assembled from the tables each benchmark wrote."""
+def _link(out: Path, doc_dir: Path, name: str) -> str:
+    """A results file as a link relative to the document that shows it (README at the root, docs/RESULTS.md)."""
+    return Path(os.path.relpath(out / name, doc_dir)).as_posix()
+
+
+def regenerate_command(categories: list[str]) -> str:
+    return (f"`python -m benchmarks.run --data-root DATA --categories {' '.join(categories)} --steps all "
+            f"--readme README.md`")
+
+
+def full_block(out: Path, info: dict, categories: list[str], steps: list[str], doc_dir: Path) -> str:
+    """docs/RESULTS.md's block: every table each benchmark wrote, figures linked from doc_dir."""
     cpu = info.get("cpu", "unknown CPU")
     parts = [
         BEGIN,
         f"Measured on {cpu}, {info.get('cores', '?')} cores, Python {info.get('python')}, OpenVINO "
         f"{info.get('openvino')}; each timing table below names when it was measured and the load average then "
-        f"(this summary: {info.get('date')}). Regenerate with "
-        f"`python -m benchmarks.run --data-root DATA --categories {' '.join(categories)} --steps all --readme README.md`; "
-        f"raw JSON beside each table in [benchmarks/results/](benchmarks/results/).",
+        f"(this summary: {info.get('date')}). Regenerate with {regenerate_command(categories)}; "
+        f"raw JSON beside each table in [benchmarks/results/]({_link(out, doc_dir, '')}/).",
         "",
         "#### Accuracy (test split; torch / OpenVINO FP32 / OpenVINO INT8)",
         "",
         _read(out / "accuracy.md"),
     ]
     if (out / "accuracy_vs_latency.png").is_file():
-        parts += ["", "![accuracy vs latency](benchmarks/results/accuracy_vs_latency.png)"]
+        parts += ["", f"![accuracy vs latency]({_link(out, doc_dir, 'accuracy_vs_latency.png')})"]
     for step, title in (("speed", "Speed and size (256x256, batch 1)"), ("footprint", "Footprint"),
                         ("roofline", "How far from the CPU's limit")):
         if step in steps or (out / f"{step}.md").is_file():
             parts += ["", f"#### {title}", "", _read(out / f"{step}.md")]
     if (out / "roofline.png").is_file():
-        parts += ["", "![roofline](benchmarks/results/roofline.png)"]
+        parts += ["", f"![roofline]({_link(out, doc_dir, 'roofline.png')})"]
     if "peer" in steps or (out / "peer.md").is_file():
         parts += ["", "#### Side by side with anomalib", "", _read(out / "peer.md")]
     if (out / "heatmap_grid.png").is_file():
         parts += ["", "#### What the runtime sees (generated data)", "",
-                  "![heatmaps and regions on generated test images](benchmarks/results/heatmap_grid.png)"]
+                  f"![heatmaps and regions on generated test images]({_link(out, doc_dir, 'heatmap_grid.png')})"]
     parts.append(END)
     return "\n".join(parts) + "\n"
 
 
-def splice_readme(readme: Path, block: str) -> None:
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def short_block(out: Path, info: dict, categories: list[str], results_doc: Path, doc_dir: Path) -> str:
+    """The README's block: what a user decides on (INT8 accuracy, speed, size) and the anomalib verdicts."""
+    accuracy, speed, peer = _json(out / "accuracy.json"), _json(out / "speed.json"), _json(out / "peer.json")
+    full = Path(os.path.relpath(results_doc, doc_dir)).as_posix()
+    shape = next((r.get("input") for r in (speed or {}).get("results", []) if r.get("input")), None)  # 1x3xHxW
+    size_text = f"{'x'.join(shape.split('x')[2:])} input, " if shape else ""
+    parts = [BEGIN,
+             f"INT8 OpenVINO bundles, {size_text}on {info.get('cpu', 'unknown CPU')} ({info.get('cores', '?')} "
+             f"cores), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
+             f"INT8 side by side, F1, training time, memory, roofline, anomalib details): [{full}]({full}).", ""]
+    if accuracy:
+        int8 = [row for row in accuracy if row["stage"] == "int8_ir"]
+        cats = [c for c in categories if any(row["category"] == c for row in int8)]
+        masked = [c for c in cats if any(row["category"] == c and row["pixel_auroc"] is not None for row in int8)]
+        by_speed = {(r["algorithm"], r["backbone"]): r for r in (speed or {}).get("results", [])}
+        speed_cat = (speed or {}).get("settings", {}).get("category")
+        header = (["model"] + [f"image AUROC {c}" for c in cats] + [f"pixel AUROC {c}" for c in masked]
+                  + ["latency p50 (ms)", "edge-ad pipeline (fps)", "size (MB)"])
+        parts += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        models = list(dict.fromkeys((row["algorithm"], row["backbone"]) for row in int8))
+        for algorithm, backbone in models:
+            rows = {row["category"]: row for row in int8 if (row["algorithm"], row["backbone"]) == (algorithm, backbone)}
+            timing = by_speed.get((algorithm, backbone))
+            size = rows.get(speed_cat, next(iter(rows.values())))["size_mb"]
+            cells = ([f"{algorithm.upper()} {backbone}"] + [_cell(rows.get(c, {}).get("image_auroc"), ".3f") for c in cats]
+                     + [_cell(rows.get(c, {}).get("pixel_auroc"), ".3f") for c in masked]
+                     + [_cell(timing and timing["latency_ms"]["int8"]["p50"], ".1f"),
+                        _cell(timing and (timing["pipeline"].get("int8") or {}).get("fps"), ".1f"), _cell(size, ".1f")])
+            parts.append("| " + " | ".join(cells) + " |")
+        parts += ["", f"Latency: one frame, OpenVINO LATENCY hint; pipeline: `edge-ad --video` end to end into a local "
+                      f"MQTT broker; size: model.xml + model.bin{f' ({speed_cat})' if speed_cat else ''}."]
+    if peer:
+        versions = peer.get("anomalib_versions", {})
+        parts += ["", f"Against anomalib {versions.get('anomalib', '')} on {peer.get('category')} (same data, same "
+                      f"{peer.get('backbone')} ImageNet weights, same machine):", "",
+                  "| algorithm | measure | edge-ad | anomalib | ratio | target | verdict |", "|---|---|---:|---:|---:|---|---|"]
+        for section in peer["comparisons"]:
+            for row in section["rows"]:
+                if not row["target"]:
+                    continue
+                size = row["fmt"] == "size"
+                fmt = _mib if size else (lambda v: _cell(v, row["fmt"]))
+                ratio = "-" if row["ratio"] is None else (f"{row['ratio']:.1%}" if size else f"{row['ratio']:.2f}x")
+                parts.append(f"| {section['name']} | {row['measure']} | {fmt(row['ours'])} | {fmt(row['theirs'])} | "
+                             f"{ratio} | {row['target']} | {row['verdict']} |")
+    parts.append(END)
+    return "\n".join(parts) + "\n"
+
+
+RESULTS_TITLE = "# Benchmark results\n\nGenerated by `python -m benchmarks.run` between the markers; the README shows a summary.\n\n"
+
+
+def splice_readme(readme: Path, block: str, *, create: bool = False, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Replace the block between the markers (the block carries them); with create, a missing file is written
+    with just a title and the block."""
+    begin, end = markers
+    if create and not readme.exists():
+        readme.parent.mkdir(parents=True, exist_ok=True)
+        readme.write_text(RESULTS_TITLE + block)
+        log.info("%s written", readme)
+        return
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise RunError(f"{readme} has no {BEGIN} ... {END} markers to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise RunError(f"{readme} has no {begin} ... {end} markers to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     readme.write_text(head + block.rstrip("\n") + tail)
     log.info("results block of %s replaced", readme)
+
+
+def write_summaries(args: argparse.Namespace, info: dict) -> Path:
+    """summary.md (the full block) in OUT; with --readme, the full block into the results document and the
+    short one into the README."""
+    (args.out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary_md = args.out / "summary.md"
+    summary_md.write_text(full_block(args.out, info, args.categories, list(args.steps), args.out))
+    if args.readme:
+        results_doc = args.results_doc or args.readme.parent / "docs" / "RESULTS.md"
+        if args.readme.resolve() == results_doc.resolve():
+            raise RunError("--readme and --results-doc name the same file")
+        splice_readme(args.readme, short_block(args.out, info, args.categories, results_doc, args.readme.parent))
+        splice_readme(results_doc, full_block(args.out, info, args.categories, list(args.steps), results_doc.parent),
+                      create=True)
+    return summary_md
 
 
 def grid_figure(args: argparse.Namespace) -> None:
@@ -184,6 +284,10 @@ def grid_figure(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.steps == ["summary"]:  # nothing measured: the blocks again from the tables already in OUT
+        if not (args.out / "machine.json").is_file():
+            raise RunError(f"{args.out / 'machine.json'} missing: nothing measured into {args.out} yet")
+        return write_summaries(args, json.loads((args.out / "machine.json").read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     from benchmarks.pipeline_fps import machine_info
 
@@ -222,37 +326,37 @@ def run(args: argparse.Namespace) -> Path:
             accuracy_vs_latency(accuracy, latency_from_speed(speed), first, args.out / "accuracy_vs_latency.png",
                                 info.get("cpu", ""))
         grid_figure(args)
-    (args.out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
-    block = summary(args.out, info, args.categories, list(args.steps))
-    (args.out / "summary.md").write_text(block)
-    if args.readme:
-        splice_readme(args.readme, block)
-    return args.out / "summary.md"
+    return write_summaries(args, info)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n", 3)[3], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, required=True, help="MVTec-AD-layout root")
+    parser.add_argument("--data-root", type=Path, help="MVTec-AD-layout root (not needed for --steps summary)")
     parser.add_argument("--categories", nargs="+", default=["bottle"], help="first one: speed, footprint, peer")
     parser.add_argument("--algorithms", nargs="+", default=["stfpm", "dfm"], choices=["stfpm", "dfm"])
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"],
                         help="resnet18 / wide_resnet50_2 need torchvision's ImageNet weights (internet or --weights)")
     parser.add_argument("--epochs", type=int, default=10, help="STFPM epochs")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all"),
-                        help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min)")
+    parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all", "summary"),
+                        help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min); "
+                             "'summary' alone measures nothing and rewrites the blocks from the tables in --out")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="runs, bundles and logs (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="tables, JSON and figures")
     parser.add_argument("--retrain", action="store_true", help="train new runs even where matching ones exist")
     parser.add_argument("--no-train", action="store_true", help="measure only what has a finished run; train nothing")
     parser.add_argument("--peer-reuse", action="store_true",
                         help="peer: keep anomalib's measured result (OUT/anomalib.json), re-measure only edge-ad")
-    parser.add_argument("--readme", type=Path, help="replace this README's results block with the new summary")
+    parser.add_argument("--readme", type=Path, help="replace this README's results block with the short summary "
+                        "(and the results document's block with every table)")
+    parser.add_argument("--results-doc", type=Path, help="where every table goes with --readme (default: "
+                        "docs/RESULTS.md beside the README; created when missing)")
     args = parser.parse_args(argv)
-    args.data_root, args.work, args.out = args.data_root.resolve(), args.work.resolve(), args.out.resolve()
     if "all" in args.steps:
         args.steps = list(ALL_STEPS)
+    args.work, args.out = args.work.resolve(), args.out.resolve()
+    args.data_root = args.data_root.resolve() if args.data_root else None
     return args
 
 
@@ -260,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def benchmark() -> str:
-        if not args.data_root.is_dir():
+        if "summary" in args.steps and args.steps != ["summary"]:
+            raise RunError("--steps summary runs alone (every other step writes the summaries anyway)")
+        if args.data_root is None and args.steps != ["summary"]:
+            raise RunError("--data-root is required (except with --steps summary)")
+        if args.data_root is not None and not args.data_root.is_dir():
             raise RunError(f"data root not found: {args.data_root}")
         return run(args).read_text()
 

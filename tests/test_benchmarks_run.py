@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.accuracy import AccuracyError, collect, markdown
-from benchmarks.run import BEGIN, END, RunError, splice_readme
+from benchmarks.run import BEGIN, END, RunError, full_block, splice_readme
 from benchmarks.variants import Variant, load_variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +23,13 @@ def run_benchmarks(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def dfm_benchmark(synthetic_root, tmp_path_factory):
+def dfm_benchmark(tmp_path_factory):
     """models + accuracy steps for DFM on the generated category, README block spliced."""
+    from training.data.synthetic import generate_synthetic_dataset
+
     work = tmp_path_factory.mktemp("bench")
+    # enough normal images that the 15 % validation split can set a threshold
+    synthetic_root = generate_synthetic_dataset(work / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=6)
     readme = work / "README.md"
     readme.write_text(f"# title\nbefore\n{BEGIN}\nold numbers\n{END}\nafter\n")
     args = ["--data-root", str(synthetic_root), "--categories", "synthetic", "--algorithms", "dfm",
@@ -50,11 +54,72 @@ def test_accuracy_table_matches_the_bundles(dfm_benchmark):
     assert 0 < rows["int8_ir"]["size_mb"] < rows["fp32_ir"]["size_mb"]
 
 
+def test_run_report_gets_the_bundles_side_by_side(dfm_benchmark):
+    import html
+    import re
+
+    work, _, _ = dfm_benchmark
+    (variant,) = load_variants(work / "results" / "variants.json")
+    page = (variant.run_dir / "report.html").read_text()
+    stages = json.loads(html.unescape(re.search(r'id="precisions" data-stages="([^"]*)"', page).group(1)))
+    measured = json.loads((variant.int8 / "bundle.json").read_text())["metrics"]
+    assert set(stages) == {"torch", "fp32_ir", "int8_ir"}
+    assert stages["int8_ir"]["image_auroc"] == measured["int8_ir"]["image_auroc"]
+
+
 def test_readme_block_replaced_and_rest_kept(dfm_benchmark):
     _, _, readme = dfm_benchmark
     text = readme.read_text()
     assert text.startswith("# title\nbefore\n" + BEGIN) and text.endswith(END + "\nafter\n")
-    assert "old numbers" not in text and "Image AUROC" in text and "Measured on" in text
+    assert "old numbers" not in text and "[docs/RESULTS.md](docs/RESULTS.md)" in text
+
+
+def test_readme_gets_the_int8_summary_and_results_doc_every_table(dfm_benchmark):
+    work, _, readme = dfm_benchmark
+    int8 = next(row for row in json.loads((work / "results" / "accuracy.json").read_text())
+                if row["stage"] == "int8_ir")
+    short = readme.read_text()
+    # the README's row is the INT8 bundle's measured figures, and only those (no torch / FP32 rows)
+    assert (f"| DFM mobilenet_v2 | {int8['image_auroc']:.3f} | {int8['pixel_auroc']:.3f} | - | - | "
+            f"{int8['size_mb']:.1f} |") in short
+    assert "FP32 IR" not in short and "**Image AUROC**" not in short
+    full = (work / "docs" / "RESULTS.md").read_text()  # created beside the README on the first run
+    assert full.startswith("# Benchmark results") and full.count(BEGIN) == full.count(END) == 1
+    assert "**Image AUROC**" in full and "| DFM mobilenet_v2 | FP32 IR |" in full and "Measured on" in full
+    assert full.split(BEGIN)[1] == (work / "results" / "summary.md").read_text().split(BEGIN)[1].replace(
+        "](./)", "](../results/)")
+
+
+def test_summary_step_rebuilds_blocks_without_measuring(dfm_benchmark, tmp_path):
+    work, _, _ = dfm_benchmark
+    results_doc = work / "docs" / "RESULTS.md"
+    results_doc.write_text(results_doc.read_text().replace("# Benchmark results", "# Benchmark results\nhand text"))
+    before = results_doc.read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{BEGIN}\nstale\n{END}\n")
+    accuracy_mtime = (work / "results" / "accuracy.json").stat().st_mtime_ns
+    result = run_benchmarks("--steps", "summary", "--categories", "synthetic", "--out", str(work / "results"),
+                            "--work", str(work / "nothing"), "--readme", str(readme), "--results-doc", str(results_doc))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (work / "nothing").exists() and (work / "results" / "accuracy.json").stat().st_mtime_ns == accuracy_mtime
+    assert "stale" not in readme.read_text() and "| DFM mobilenet_v2 |" in readme.read_text()
+    assert results_doc.read_text() == before  # same tables, hand-written text above the markers kept
+
+
+def test_summary_step_needs_measured_tables(tmp_path):
+    result = run_benchmarks("--steps", "summary", "--out", str(tmp_path / "empty"), "--readme", str(tmp_path / "R.md"))
+    assert result.returncode == 2 and "machine.json missing" in result.stderr
+    result = run_benchmarks("--steps", "models", "summary")
+    assert result.returncode == 2 and "runs alone" in result.stderr
+
+
+def test_figure_links_are_relative_to_the_document(tmp_path):
+    out, doc_dir = tmp_path / "bench" / "results", tmp_path / "docs"
+    out.mkdir(parents=True)
+    (out / "heatmap_grid.png").write_bytes(b"png")
+    block = full_block(out, {}, ["synthetic"], [], doc_dir)
+    link = block.split("![heatmaps and regions on generated test images](")[1].split(")")[0]
+    assert link == "../bench/results/heatmap_grid.png" and (doc_dir / link).resolve() == (out / "heatmap_grid.png")
 
 
 def test_rerun_reuses_runs_and_bundles(dfm_benchmark):
@@ -79,7 +144,7 @@ def _fake_variant(root: Path, category: str, image_auroc: float, pixel_auroc: fl
     (run_dir / "metrics.json").write_text(json.dumps({"train_time_s": 12.0, "process_cpu_s": 20.0}))
     (fp32 / "model.bin").write_bytes(b"x" * 4000)
     (int8 / "model.bin").write_bytes(b"x" * 1000)
-    stage = {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "image_f1": 0.9, "image_f1_validation_threshold": 0.8}
+    stage = {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "image_f1_optimal": 0.9, "image_f1_deployed": 0.8, "fpr_deployed": 0.0, "recall_deployed": 0.7}
     (int8 / "bundle.json").write_text(json.dumps({"metrics": {"torch": stage, "fp32_ir": stage, "int8_ir": stage}}))
     return Variant("stfpm", "mobilenet_v2", category, run_dir, fp32, int8)
 
