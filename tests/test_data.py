@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from prerequisites import missing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,7 +63,7 @@ def _layout(root: Path, n_train: int = 3, defects: dict[str, int] | None = None,
 def test_load_synthetic_category(synthetic_root: Path) -> None:
     data = load_category(synthetic_root, "synthetic")
     assert data.category == "synthetic"
-    assert len(data.train) == 24 and len(data.test) == 12
+    assert len(data.train) == 40 and len(data.test) == 12
     assert data.has_masks
     assert all(s.label == 0 and s.defect_type == "good" and s.mask_path is None for s in data.train)
     assert [s.path for s in data.train] == sorted(s.path for s in data.train)
@@ -363,7 +364,7 @@ def test_split_refuses_anomalous_and_duplicates() -> None:
 
 def test_synthetic_layout(synthetic_root: Path) -> None:
     cat = synthetic_root / "synthetic"
-    assert len(list((cat / "train/good").glob("*.png"))) == 24
+    assert len(list((cat / "train/good").glob("*.png"))) == 40
     assert len(list((cat / "test/good").glob("*.png"))) == 6
     for kind in DEFECT_TYPES:
         images = sorted(p.stem for p in (cat / "test" / kind).glob("*.png"))
@@ -456,8 +457,9 @@ def test_synthetic_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 @pytest.mark.mvtec
-@pytest.mark.skipif(not MVTEC_ROOT.is_dir(), reason=f"needs {MVTEC_ROOT}")
 def test_real_mvtec_categories() -> None:
+    if not MVTEC_ROOT.is_dir():
+        missing("mvtec", f"needs {MVTEC_ROOT}")
     bottle = load_category(MVTEC_ROOT, "bottle")
     assert len(bottle.train) == 209 and len(bottle.test) == 83 and bottle.has_masks
     assert bottle.defect_types == ["broken_large", "broken_small", "contamination"]

@@ -20,6 +20,7 @@ from edge_ad.model.preprocess import PreprocessSpec, preprocess
 from training.backbones import BACKBONES, build_backbone
 from training.data.synthetic import add_defect, make_texture, to_uint8
 from training.models.dfm import DfmModel
+from training.models.image_score import ImageScore
 from training.models.stfpm import StfpmModel
 
 SIZE = 64
@@ -27,7 +28,10 @@ SPEC = PreprocessSpec.square(SIZE)
 FP32_TOLERANCE = 1e-4  # max |ov - torch| / max |torch|
 CASES = [(algorithm, backbone) for backbone in BACKBONES for algorithm in ("stfpm", "dfm")]
 # DFM's map is the same for both score types; the Gaussian NLL score is exported for one backbone.
-DFM_SCORE_TYPE = {"resnet18": "nll"}
+DFM_SCORE_TYPE = {"resnet18": "nll", "mobilenet_v2": "map"}
+# The recipe levers in the graph: a smoothed map with a top-k image score, and concatenated DFM taps.
+SCORED = {"mobilenet_v2": dict(smooth_sigma=4.0, reduction="topk", topk_fraction=0.01)}
+DFM_TAPS = {"mobilenet_v2": (1, 2)}
 
 
 def frames(seed: int = 1) -> list[np.ndarray]:
@@ -63,9 +67,11 @@ def backbone_instance(name: str, index: int) -> torch.nn.Module:
 
 def build(algorithm: str, backbone: str) -> torch.nn.Module:
     if algorithm == "stfpm":
-        return StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1)).eval()
+        scoring = ImageScore(**SCORED.get(backbone, {}))
+        return StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring).eval()
     score_type = DFM_SCORE_TYPE.get(backbone, "fre")
-    model = DfmModel(backbone_instance(backbone, 0), tap=2, score_type=score_type).eval()
+    model = DfmModel(backbone_instance(backbone, 0), taps=DFM_TAPS.get(backbone, (2,)), score_type=score_type,
+                     image_score=ImageScore(**SCORED.get(backbone, {}))).eval()
     rng = np.random.default_rng(0)
     normal = np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)])
     with torch.no_grad():

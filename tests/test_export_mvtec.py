@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prerequisites import missing
 
 from deploy.export import export_ir, parity
 from deploy.ir_eval import IrRunner
@@ -25,10 +26,13 @@ MVTEC = next((p for p in CANDIDATES if (p / "bottle").is_dir() and (p / "screw")
 SPEC = PreprocessSpec.square(128)
 TOLERANCE = 1e-4
 
-pytestmark = [
-    pytest.mark.mvtec,
-    pytest.mark.skipif(MVTEC is None, reason="needs ../shared/data/mvtec_ad with bottle and screw"),
-]
+pytestmark = pytest.mark.mvtec
+
+
+@pytest.fixture(autouse=True)
+def _needs_mvtec():
+    if MVTEC is None:
+        missing("mvtec", "needs ../shared/data/mvtec_ad with bottle and screw")
 
 
 def test_images() -> np.ndarray:
@@ -49,7 +53,7 @@ def images() -> np.ndarray:
 
 
 def test_dfm_pretrained_parity_on_real_images(images, tmp_path):
-    model = DfmModel(build_backbone("mobilenet_v2", pretrained=True), tap=2).eval()
+    model = DfmModel(build_backbone("mobilenet_v2", pretrained=True), taps=(2,)).eval()
     train = np.stack([preprocess(read_image(p), SPEC) for p in list_images(MVTEC / "bottle" / "train" / "good")[:20]])
     with torch.no_grad():
         features = model.tap_features(torch.from_numpy(train))

@@ -76,7 +76,8 @@ def test_compute_metrics_without_masks_has_no_pixel_auroc():
     metrics = compute_metrics(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), image_threshold=0.5)
     assert metrics.pixel_auroc is None
     assert metrics.image_auroc == 1.0
-    assert metrics.image_f1_validation_threshold == 1.0
+    assert metrics.image_f1_deployed == 1.0
+    assert metrics.fpr_deployed == 0.0 and metrics.recall_deployed == 1.0
 
 
 def test_thresholds_pixel_quantile_and_normalization_span():

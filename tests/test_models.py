@@ -82,7 +82,7 @@ def test_training_reduces_the_loss_and_the_teacher_does_not_move():
 
 def fitted_dfm(score_type="fre", n_images=12):
     torch.manual_seed(0)
-    model = DfmModel(build_backbone("mobilenet_v2", pretrained=False), tap=2, score_type=score_type)
+    model = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(2,), score_type=score_type)
     normal = torch.rand(n_images, 3, 64, 64) * 0.1 + 0.45
     with torch.no_grad():
         features = model.tap_features(normal).reshape(n_images, -1).numpy()

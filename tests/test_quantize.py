@@ -144,7 +144,7 @@ def test_graph_split_finds_the_head_of_both_algorithms():
     torch.manual_seed(0)
     spec = PreprocessSpec.square(64)
     stfpm = StfpmModel(build_backbone("mobilenet_v2", pretrained=False), build_backbone("mobilenet_v2", pretrained=False))
-    dfm = DfmModel(build_backbone("mobilenet_v2", pretrained=False), tap=2, feature_dim=96 * 4 * 4, n_components=4)
+    dfm = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(2,), feature_dim=96 * 4 * 4, n_components=4)
     for model, head_types in ((stfpm, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "ReduceMax"}), (dfm, {"MatMul", "Interpolate"})):
         ov_model = convert(model.eval(), spec)
         parts = split_graph(ov_model)

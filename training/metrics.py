@@ -43,13 +43,28 @@ def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
     return float(2 * tp / max(2 * tp + fp + fn, 1))
 
 
+def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(false-positive rate on normal images, recall on anomalous ones) of score >= threshold."""
+    labels = np.asarray(labels).ravel().astype(bool)
+    predicted = np.asarray(scores).ravel() >= threshold
+    fpr = float(np.mean(predicted[~labels])) if np.any(~labels) else float("nan")
+    recall = float(np.mean(predicted[labels])) if np.any(labels) else float("nan")
+    return fpr, recall
+
+
 @dataclass
 class Metrics:
+    """Test-split figures. `*_deployed`: at the threshold set on validation, what a line gets;
+    `*_optimal`: at the F1-optimal threshold on the test split itself, a ceiling for comparison only."""
+
     image_auroc: float
     pixel_auroc: float | None
-    image_f1: float  # at the F1-optimal threshold on the test set (a ceiling, for comparison)
-    image_f1_threshold: float
-    image_f1_validation_threshold: float  # at the threshold chosen on validation: what deploys
+    image_f1_deployed: float
+    fpr_deployed: float  # share of normal test images flagged, to compare with the target rate
+    recall_deployed: float  # share of anomalous test images flagged
+    deployed_threshold: float
+    image_f1_optimal: float
+    image_f1_optimal_threshold: float
     n_test: int
     n_test_anomalous: int
 
@@ -66,12 +81,16 @@ def compute_metrics(
 ) -> Metrics:
     f1, f1_threshold = f1_optimal(labels, scores)
     pixel = pixel_auroc(masks, maps) if masks is not None and maps is not None else None
+    fpr, recall = rates_at(labels, scores, image_threshold)
     return Metrics(
         image_auroc=image_auroc(labels, scores),
         pixel_auroc=pixel,
-        image_f1=f1,
-        image_f1_threshold=f1_threshold,
-        image_f1_validation_threshold=f1_at(labels, scores, image_threshold),
+        image_f1_deployed=f1_at(labels, scores, image_threshold),
+        fpr_deployed=fpr,
+        recall_deployed=recall,
+        deployed_threshold=float(image_threshold),
+        image_f1_optimal=f1,
+        image_f1_optimal_threshold=f1_threshold,
         n_test=int(len(labels)),
         n_test_anomalous=int(np.sum(labels)),
     )

@@ -11,13 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_ad.model.preprocess import PreprocessSpec
+from edge_ad.decide.thresholds import estimate_thresholds
+from edge_ad.model.preprocess import PreprocessSpec, as_bgr_uint8
+from edge_ad.sources.images import read_image
 from training import run_dir as runs
 from training.config import TrainConfig
 from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
-from training.metrics import compute_metrics
+from training.data.augment import Augmentation
+from training.data.dataset import FrameDataset
+from training.data.synthetic_defects import synthetic_anomalies
+from training.metrics import compute_metrics, image_auroc
 from training.predict import Predictions, predict
-from edge_ad.decide.thresholds import estimate_thresholds
 
 log = logging.getLogger("training")
 
@@ -34,11 +38,20 @@ class RunData:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     return device
+
+
+def autocast(device: torch.device):
+    """Mixed precision where it is safe: bf16 autocast on CUDA (no loss scaling needed), off on CPU,
+    where bf16 convolutions are slower than f32 on most CPUs and change the scores."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -65,8 +78,28 @@ def prepare_data(config: TrainConfig) -> RunData:
     )
 
 
-def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: bool = False):
-    return make_loader(samples, data.spec, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed)
+def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: bool = False, augment: bool = False):
+    return make_loader(samples, data.spec, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed,
+                       augment=Augmentation.parse(config.augment) if augment else None)
+
+
+def synthetic_validation(data: RunData, config: TrainConfig):
+    """Validation images and a copy of each with a synthetic defect (training.data.synthetic_defects).
+
+    The anomalies that choices may see: made from held-out normal images, never from the test split.
+    """
+    frames = [as_bgr_uint8(read_image(sample.path)) for sample in data.validation]  # grayscale parts too
+    defective, masks = synthetic_anomalies(frames, seed=config.seed)
+    names = [f"{s.path}" for s in data.validation] + [f"{s.path}#synthetic" for s in data.validation]
+    dataset = FrameDataset(frames + defective, [None] * len(frames) + masks,
+                           [0] * len(frames) + [1] * len(defective), data.spec, names)
+    return make_loader(dataset, data.spec, batch_size=config.batch_size, shuffle=False)
+
+
+def synthetic_auroc(model: torch.nn.Module, batches, device: torch.device) -> float:
+    """Image AUROC of validation images against their synthetically defective copies."""
+    predictions = predict(model, batches, device, desc="synthetic")
+    return image_auroc(predictions.labels, predictions.scores)
 
 
 def evaluate_and_save(
@@ -80,9 +113,12 @@ def evaluate_and_save(
 ) -> Path:
     """Thresholds from validation, metrics on test, then write the run folder."""
     validation = predict(model, loader(data.validation, data, config), device, desc="validation")
-    thresholds = estimate_thresholds(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr)
+    thresholds = estimate_thresholds(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr,
+                                     confidence=config.threshold_confidence)
     test = predict(model, loader(data.test, data, config), device, desc="test")
     metrics = test_metrics(test, thresholds.image, data.has_masks)
+    if "synthetic_validation_auroc" not in (extra_metrics or {}):
+        metrics["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_validation(data, config), device)
 
     run_dir = runs.new_run_dir(config.out, config.algorithm, config.backbone, config.category)
     # An absolute data root lets export and calibration find the data from any working directory.
@@ -104,6 +140,9 @@ def evaluate_and_save(
     }
     runs.save_run(run_dir, model.cpu(), saved_config, split, metrics_json)
     report(config, metrics_json, run_dir)
+    from training import report as training_report  # matplotlib only when a run is written
+
+    print(f"report: {training_report.write(run_dir, validation, test)}")
     return run_dir
 
 
@@ -122,8 +161,9 @@ def report(config: TrainConfig, metrics: dict, run_dir: Path) -> None:
     print(
         f"{config.algorithm} {config.backbone} {config.category}: "
         f"image AUROC {metrics['image_auroc']:.3f}, "
-        f"pixel AUROC {'n/a' if pixel is None else f'{pixel:.3f}'}, "
-        f"image F1 {metrics['image_f1']:.3f} (at validation threshold {metrics['image_f1_validation_threshold']:.3f}), "
+        f"pixel AUROC {'n/a' if pixel is None else f'{pixel:.3f}'}; at the deployed threshold: "
+        f"image F1 {metrics['image_f1_deployed']:.3f}, false positives {metrics['fpr_deployed']:.1%} "
+        f"(target {config.target_fpr:.1%}), recall {metrics['recall_deployed']:.1%}; "
         f"train time {metrics['train_time_s']:.0f}s\nrun folder: {run_dir}"
     )
 

@@ -13,11 +13,18 @@ from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import StfpmConfig, parse_config
+from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
-from training.pipeline import evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything
+from training.data.augment import Augmentation
+from training.pipeline import (
+    autocast, evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything, synthetic_auroc,
+    synthetic_validation,
+)
 
 log = logging.getLogger("training")
 
+SELECTIONS = ("loss", "synthetic")
+SCHEDULES = ("constant", "cosine")
 STUDENT_BN_MOMENTUM = 0.1  # PyTorch's default; the TF-style 0.01 leaves a fresh student's stats stale
 
 
@@ -25,7 +32,7 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
     config = config if isinstance(config, dict) else config.to_dict()
     teacher = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
     student = build_backbone(config["backbone"], pretrained=False, bn_momentum=STUDENT_BN_MOMENTUM)
-    return StfpmModel(teacher, student)
+    return StfpmModel(teacher, student, image_score_from(config))
 
 
 @torch.no_grad()
@@ -39,7 +46,34 @@ def validation_loss(model: StfpmModel, batches, device: torch.device) -> float:
     return total / max(count, 1)
 
 
+def preload(batches, device: torch.device) -> list[dict]:
+    """Batches evaluated every epoch, collated once and kept on the device (the GPU when training there)."""
+    return [{**batch, "image": batch["image"].to(device, non_blocking=True)} for batch in batches]
+
+
+def training_batches(data, config: StfpmConfig, device: torch.device):
+    """Per-epoch training batches. On CUDA without augmentation the whole set lives on the GPU and
+    is shuffled there; otherwise a seeded DataLoader (pinned memory on CUDA) feeds it."""
+    batches = loader(data.train, data, config, shuffle=True, augment=True)
+    if device.type != "cuda" or Augmentation.parse(config.augment).active:
+        return lambda epoch: batches
+    images = torch.cat([batch["image"] for batch in loader(data.train, data, config)]).to(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+
+    def on_device(epoch: int):
+        order = torch.randperm(len(images), device=device, generator=generator)
+        return [{"image": images[order[i:i + config.batch_size]]} for i in range(0, len(images), config.batch_size)]
+
+    return on_device
+
+
 def train(config: StfpmConfig) -> Path:
+    if config.select not in SELECTIONS:
+        raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {config.select!r}")
+    if config.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
+    Augmentation.parse(config.augment)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)
@@ -47,39 +81,58 @@ def train(config: StfpmConfig) -> Path:
     optimizer = torch.optim.SGD(
         model.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    train_batches = loader(data.train, data, config, shuffle=True)
-    validation_batches = loader(data.validation, data, config)
-    log.info("training STFPM (%s) on %s for %d epochs", config.backbone, device, config.epochs)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+                 if config.lr_schedule == "cosine" else None)
+    epoch_batches = training_batches(data, config, device)
+    validation_batches = preload(loader(data.validation, data, config), device)
+    synthetic_batches = preload(synthetic_validation(data, config), device) if config.select == "synthetic" else None
+    log.info("training STFPM (%s) on %s for %d epochs, keeping the epoch with the %s", config.backbone, device,
+             config.epochs, "best AUROC on synthetic validation defects" if synthetic_batches else "lowest validation loss")
 
-    best_loss, best_state, best_epoch, history = float("inf"), None, -1, []
+    best_key, best_state, best_epoch, history = None, None, -1, []
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
         model.train()
         running, seen = 0.0, 0
-        progress = tqdm(train_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+        progress = tqdm(epoch_batches(epoch), desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
         for batch in progress:
-            images = batch["image"].to(device)
-            loss = stfpm_loss(*model.features(images))
+            images = batch["image"].to(device, non_blocking=True)
+            with autocast(device):
+                loss = stfpm_loss(*model.features(images))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.item() * len(images)
             seen += len(images)
             progress.set_postfix(loss=f"{running / seen:.4f}")
+        if scheduler is not None:
+            scheduler.step()
         val_loss = validation_loss(model, validation_batches, device)
-        history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation_loss": val_loss})
-        improved = val_loss < best_loss
+        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "validation_loss": val_loss}
+        if synthetic_batches is not None:
+            record["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_batches, device)
+            key = (record["synthetic_validation_auroc"], -val_loss)  # ties: the lower loss
+        else:
+            key = (-val_loss,)
+        record["epoch_s"] = round(time.perf_counter() - epoch_started, 1)
+        history.append(record)
+        improved = best_key is None or key > best_key
         if improved:
-            best_loss, best_state, best_epoch = val_loss, copy.deepcopy(model.student.state_dict()), epoch
-        log.info("epoch %d: train loss %.4f, validation loss %.4f%s", epoch, running / max(seen, 1), val_loss, " (best)" if improved else "")
+            best_key, best_state, best_epoch = key, copy.deepcopy(model.student.state_dict()), epoch
+        synthetic = f", synthetic AUROC {record['synthetic_validation_auroc']:.3f}" if synthetic_batches else ""
+        log.info("epoch %d: train loss %.4f, validation loss %.4f%s, %.1fs%s", epoch, record["train_loss"], val_loss,
+                 synthetic, record["epoch_s"], " (best)" if improved else "")
     train_time = time.perf_counter() - started
     if best_state is not None:
         model.student.load_state_dict(best_state)
-    log.info("kept epoch %d (lowest validation loss %.4f)", best_epoch, best_loss)
-    return evaluate_and_save(
-        model, config, data, device, train_time,
-        extra_metrics={"best_epoch": best_epoch, "best_validation_loss": best_loss, "history": history},
-    )
+    kept = history[best_epoch - 1]
+    log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
+             f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")
+    extra = {"best_epoch": best_epoch, "best_validation_loss": kept["validation_loss"], "history": history}
+    if synthetic_batches is not None:
+        extra["synthetic_validation_auroc"] = kept["synthetic_validation_auroc"]
+    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from edge_ad.model.bundle import Thresholds
 DEFAULT_IMAGE_FPR = 0.01
 DEFAULT_PIXEL_FPR = 0.001
 DEFAULT_CONFIDENCE = 0.9
-MIN_NORMAL_SCORES = 8  # below this no tail can be fitted, only guessed
+MIN_NORMAL_SCORES = 5  # below this no tail can be fitted, only guessed; the bound widens as n shrinks
 _LAMBDAS = np.linspace(-3.0, 3.0, 241)
 
 
@@ -48,12 +48,22 @@ def _yeo_johnson(x: np.ndarray, lam: float) -> np.ndarray:
     return out
 
 
-def _yeo_johnson_inverse(y: float, lam: float) -> float:
-    if y >= 0:
-        return math.expm1(math.log1p(lam * y) / lam) if abs(lam) > 1e-8 else math.expm1(y)
-    if abs(lam - 2.0) > 1e-8:
-        return 1.0 - (1.0 - (2.0 - lam) * y) ** (1.0 / (2.0 - lam))
-    return -math.expm1(-y)
+def _yeo_johnson_inverse(y: float, lam: float) -> float | None:
+    """None where y lies beyond the transform's range (a bounded fit cannot reach that far)."""
+    try:
+        if y >= 0:
+            if abs(lam) <= 1e-8:
+                return math.expm1(y)
+            if 1.0 + lam * y <= 0:
+                return None
+            return math.expm1(math.log1p(lam * y) / lam)
+        if abs(lam - 2.0) > 1e-8:
+            if 1.0 - (2.0 - lam) * y <= 0:
+                return None
+            return 1.0 - (1.0 - (2.0 - lam) * y) ** (1.0 / (2.0 - lam))
+        return -math.expm1(-y)
+    except OverflowError:
+        return None
 
 
 def _fit_lambda(x: np.ndarray) -> float:
@@ -94,10 +104,13 @@ class TailFit:
     confidence: float
     power: float  # Yeo-Johnson exponent on the standardized scores
     empirical_quantile: float  # what the raw quantile would have given, for comparison
+    p50: float | None = None  # median and 95th percentile of the normal scores: the reference the runtime's
+    p95: float | None = None  # drift watch and teach-in compare site scores with (edge_ad.decide.drift)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "n": self.n, "confidence": self.confidence,
-                "power": round(self.power, 4), "empirical_quantile": self.empirical_quantile}
+                "power": round(self.power, 4), "empirical_quantile": self.empirical_quantile,
+                "p50": self.p50, "p95": self.p95}
 
 
 def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
@@ -118,15 +131,18 @@ def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
     q25, q75 = np.quantile(scores, [0.25, 0.75])
     scale = float(q75 - q25) or float(np.std(scores)) or 1.0
     standardized = (scores - center) / scale
-    lam = _fit_lambda(standardized)
-    transformed = _yeo_johnson(standardized, lam)
     k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
-    bound = float(transformed.mean() + k * transformed.std(ddof=1))
-    threshold = center + scale * _yeo_johnson_inverse(bound, lam)
-    if not math.isfinite(threshold):  # the transform's range ended: fall back to the largest score
-        threshold = float(scores.max())
+    lam = _fit_lambda(standardized)
+    value = None
+    for power in (lam, 1.0):  # 1.0 is the identity: a plain normal fit where the fitted power cannot reach the bound
+        transformed = _yeo_johnson(standardized, power)
+        value = _yeo_johnson_inverse(float(transformed.mean() + k * transformed.std(ddof=1)), power)
+        if value is not None and math.isfinite(value):
+            lam = power
+            break
+    threshold = center + scale * value
     fit = TailFit(method="yeo-johnson normal tolerance bound", n=int(scores.size), confidence=confidence,
-                  power=lam, empirical_quantile=empirical)
+                  power=lam, empirical_quantile=empirical, p50=center, p95=float(np.quantile(scores, 0.95)))
     return float(threshold), fit
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from edge_ad.sources.images import read_image
 from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess, preprocess_mask
 
+from .augment import Augmentation
 from .errors import DatasetError
 from .mvtec import Sample
 
@@ -24,18 +25,23 @@ class AnomalyDataset(Dataset):
 
     ``cache`` keeps the preprocessed arrays in memory: MVTec-sized categories are a
     few hundred images, and decoding 512x512 PNGs every epoch dominates training time.
+    ``augment`` (training images only) is applied after the cache, so every epoch sees new poses.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: PreprocessSpec, cache: bool = True) -> None:
+    def __init__(self, samples: Sequence[Sample], spec: PreprocessSpec, cache: bool = True,
+                 augment: Augmentation | None = None, seed: int = 0) -> None:
         self.samples = list(samples)
         self.spec = spec
         self.cache = cache
+        self.augment = augment if augment is not None and augment.active else None
+        self._rng = np.random.default_rng(seed)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        sample = self.samples[index]
         frame = read_image(sample.path)  # ImageReadError names the file
         try:
             image = preprocess(frame, self.spec)
@@ -60,10 +66,12 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         loaded = self._cache.get(index)
         if loaded is None:
-            loaded = self._load(sample)
+            loaded = self._load(index)
             if self.cache:
                 self._cache[index] = loaded
         image, mask, has_mask = loaded
+        if self.augment is not None:
+            image = self.augment(image, self._rng)
         return {
             "image": torch.from_numpy(image.copy()),
             "label": torch.tensor(sample.label, dtype=torch.long),
@@ -73,22 +81,43 @@ class AnomalyDataset(Dataset):
         }
 
 
+class FrameDataset(AnomalyDataset):
+    """Frames already in memory (synthetic defects drawn on validation images), same tensors as from disk."""
+
+    def __init__(self, frames: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], labels: Sequence[int],
+                 spec: PreprocessSpec, names: Sequence[str]) -> None:
+        samples = [Sample(path=name, label=int(label), defect_type="synthetic" if label else "good")
+                   for name, label in zip(names, labels)]
+        super().__init__(samples, spec, cache=True)
+        self.frames, self.masks = list(frames), list(masks)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        image = preprocess(self.frames[index], self.spec)
+        mask = self.masks[index]
+        if mask is None:
+            return image, np.zeros((1, self.spec.height, self.spec.width), dtype=np.float32), True
+        return image, preprocess_mask(mask, self.spec)[None].astype(np.float32), True
+
+
 def make_loader(
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | AnomalyDataset,
     spec: PreprocessSpec,
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
     cache: bool = True,
+    augment: Augmentation | None = None,
 ) -> DataLoader:
-    """DataLoader whose shuffle order depends only on the seed, for reproducible runs."""
+    """DataLoader whose shuffle and augmentation depend only on the seed, for reproducible runs."""
     if batch_size < 1:
         raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator()
     generator.manual_seed(int(seed))
+    dataset = samples if isinstance(samples, AnomalyDataset) else AnomalyDataset(
+        samples, spec, cache=cache, augment=augment, seed=seed)
     return DataLoader(
-        AnomalyDataset(samples, spec, cache=cache),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,

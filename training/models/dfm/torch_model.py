@@ -10,28 +10,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models.dfm.anomaly_map import reconstruction_map
+from training.models.image_score import ImageScore
 
-SCORE_TYPES = ("fre", "nll")
+SCORE_TYPES = ("fre", "nll", "map")
 
 
 class DfmModel(nn.Module):
-    """Frozen pretrained features of one tap, each image flattened into one vector.
+    """Frozen pretrained features of one or more taps, each image flattened into one vector.
 
     The PCA (mean, components, explained variances) is fitted once on normal
     images and kept as buffers, so the fitted model is a plain exportable graph.
     score "fre": total squared reconstruction error; "nll": negative log-likelihood
     of the projection under the (diagonal, by construction) Gaussian of the training
-    projections. The map is the per-location reconstruction error in both cases.
+    projections; "map": the image score of the reconstruction-error map (`image_score`: top-k
+    mean or max), which lets a small defect count instead of being averaged over the image.
+    The map is the per-location reconstruction error in every case. Several taps are average-
+    pooled to the coarsest one's grid and concatenated along channels.
     """
 
     def __init__(
         self,
         extractor: nn.Module,
-        tap: int = 2,
+        taps: tuple[int, ...] = (2,),
         pool: int = 1,
         score_type: str = "fre",
         feature_dim: int = 0,
         n_components: int = 0,
+        image_score: ImageScore | None = None,
     ):
         super().__init__()
         if score_type not in SCORE_TYPES:
@@ -39,8 +44,11 @@ class DfmModel(nn.Module):
         self.extractor = extractor.eval()
         for parameter in self.extractor.parameters():
             parameter.requires_grad_(False)
-        self.tap = tap
+        self.taps = tuple(int(tap) for tap in taps)
+        if not self.taps or any(tap not in (0, 1, 2) for tap in self.taps):
+            raise ValueError(f"DFM taps must be among 0, 1, 2 (stride 4, 8, 16), got {taps}")
         self.pool = pool
+        self.image_score = image_score or ImageScore()
         self.score_type = score_type
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("components", torch.zeros(n_components, feature_dim))
@@ -56,7 +64,15 @@ class DfmModel(nn.Module):
         return int(self.components.shape[0])
 
     def tap_features(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.extractor(images)[self.tap]
+        all_features = self.extractor(images)
+        coarsest = max(self.taps)
+        parts = []
+        for tap in self.taps:
+            features = all_features[tap]
+            if tap < coarsest:  # strides 4/8/16: each tap halves the grid
+                features = F.avg_pool2d(features, kernel_size=2 ** (coarsest - tap))
+            parts.append(features)
+        features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.pool > 1:
             features = F.avg_pool2d(features, kernel_size=self.pool)
         return features
@@ -85,8 +101,10 @@ class DfmModel(nn.Module):
         projection = centered @ self.components.T
         residual = centered - projection @ self.components
         squared_error = residual.pow(2)
-        amap = reconstruction_map(squared_error.reshape(features.shape), size=images.shape[-2:])
-        if self.score_type == "fre":
+        amap, map_score = self.image_score(reconstruction_map(squared_error.reshape(features.shape), size=images.shape[-2:]))
+        if self.score_type == "map":
+            score = map_score
+        elif self.score_type == "fre":
             score = squared_error.sum(dim=1)
         else:
             log_det = torch.log(self.variances).sum()

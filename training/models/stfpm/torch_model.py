@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import anomaly_map
 
 
 class StfpmModel(nn.Module):
     """Frozen pretrained teacher + student of the same architecture trained from scratch.
 
-    forward(images in [0,1], NCHW) -> (anomaly_map (N,1,H,W), score (N,)), raw values.
+    forward(images in [0,1], NCHW) -> (anomaly_map (N,1,H,W), score (N,)), raw values; the map is
+    smoothed and reduced to the score by `image_score` (plain max when not given).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module):
+    def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None):
         super().__init__()
         self.teacher = teacher
         self.student = student
+        self.image_score = image_score or ImageScore()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.teacher.eval()
@@ -35,6 +38,4 @@ class StfpmModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         teacher_features, student_features = self.features(images)
-        amap = anomaly_map(teacher_features, student_features, size=images.shape[-2:])
-        score = torch.amax(amap, dim=(1, 2, 3))
-        return amap, score
+        return self.image_score(anomaly_map(teacher_features, student_features, size=images.shape[-2:]))

@@ -1,0 +1,83 @@
+"""Synthetic defects drawn on copies of held-out normal images: anomalies for choosing settings.
+
+The validation split holds only normal images, and the test split may never choose anything.
+Choices that need anomalies (which epoch to keep, which lever helps) are therefore made on
+validation images against defective copies of themselves: a patch cut from the same image,
+rotated and pasted elsewhere (CutPaste, Li et al. 2021), a thin scratch, or a small blob in a
+colour the image does not have there. Defects land where the image has structure (sampled by
+gradient magnitude), so on an object photographed on a plain background they hit the object,
+and on a texture anywhere. Sizes are a share of the image side, small as real defects are.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+KINDS = ("cutpaste", "scratch", "blob")
+
+
+def _structure_point(gray: np.ndarray, rng: np.random.Generator, margin: int) -> tuple[int, int]:
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    weight = cv2.GaussianBlur(np.hypot(gx, gy), (0, 0), sigmaX=max(2.0, gray.shape[0] / 64))
+    h, w = gray.shape
+    weight[:margin] = weight[h - margin:] = 0
+    weight[:, :margin] = weight[:, w - margin:] = 0
+    flat = weight.ravel().astype(np.float64)
+    if flat.sum() <= 0:
+        return int(rng.integers(margin, h - margin)), int(rng.integers(margin, w - margin))
+    index = int(rng.choice(flat.size, p=flat / flat.sum()))
+    return divmod(index, w)
+
+
+def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 BGR (H,W,3) -> (defective copy, uint8 {0,1} mask of the changed pixels)."""
+    if kind not in KINDS:
+        raise ValueError(f"synthetic defect kind must be one of {KINDS}, got {kind!r}")
+    out = image.copy()
+    h, w = image.shape[:2]
+    side = min(h, w)
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    size = int(rng.uniform(0.04, 0.10) * side)
+    y, x = _structure_point(gray, rng, margin=size // 2 + 2)
+    if kind == "cutpaste":
+        sy, sx = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
+        patch = image[sy:sy + size, sx:sx + size]
+        rotation = cv2.getRotationMatrix2D((size / 2, size / 2), float(rng.uniform(0, 360)), 1.0)
+        patch = cv2.warpAffine(patch, rotation, (size, size), borderMode=cv2.BORDER_REFLECT_101)
+        patch = np.clip(patch.astype(np.int16) + rng.integers(-40, 41), 0, 255).astype(np.uint8)
+        y0, x0 = y - size // 2, x - size // 2
+        out[y0:y0 + size, x0:x0 + size] = patch
+        mask[y0:y0 + size, x0:x0 + size] = 1
+    else:
+        local = float(gray[max(0, y - size):y + size, max(0, x - size):x + size].mean())
+        value = int(np.clip(local + rng.choice([-1, 1]) * rng.uniform(60, 110), 0, 255))
+        color = (value, value, value)
+        if kind == "scratch":
+            angle = rng.uniform(0, np.pi)
+            half = size * rng.uniform(0.8, 1.6)
+            p1 = (int(x - half * np.cos(angle)), int(y - half * np.sin(angle)))
+            p2 = (int(x + half * np.cos(angle)), int(y + half * np.sin(angle)))
+            thickness = max(1, side // 200)
+            cv2.line(out, p1, p2, color, thickness)
+            cv2.line(mask, p1, p2, 1, thickness)
+        else:
+            axes = (max(2, size // 3), max(2, int(size // 3 * rng.uniform(0.4, 1.0))))
+            angle = float(rng.uniform(0, 180))
+            cv2.ellipse(out, (x, y), axes, angle, 0, 360, color, -1)
+            cv2.ellipse(mask, (x, y), axes, angle, 0, 360, 1, -1)
+    mask &= np.any(out != image, axis=2).astype(np.uint8)  # only pixels that really changed
+    return out, mask
+
+
+def synthetic_anomalies(images: list[np.ndarray], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One defective copy of each image, kinds in turn, reproducible from the seed."""
+    rng = np.random.default_rng(seed)
+    defective, masks = [], []
+    for index, image in enumerate(images):
+        copy, mask = add_synthetic_defect(image, KINDS[index % len(KINDS)], rng)
+        defective.append(copy)
+        masks.append(mask)
+    return defective, masks
