@@ -4,9 +4,13 @@
 
 Lighting, camera and part finish on the line differ from the training photos, so the
 raw score distribution of normal parts shifts. Thresholds and normalization are data
-in bundle.json (never baked into the graph): this runs the bundle's own IR over the
-site images and rewrites only bundle.json; model.xml/model.bin and their checksums
-stay as they are. Needs openvino and numpy only (no torch), so it runs on the edge PC.
+in bundle.json (never baked into the graph): this runs the bundle's IR compiled as the
+runtime compiles it over the site images and rewrites only bundle.json; model.xml/model.bin
+and their checksums stay as they are. A thin front end (a folder of site images, --out) to
+`edge-ad teach`'s helpers (edge_ad.ops.teach) and so to the one estimator,
+edge_ad.decide.thresholds.estimate_thresholds. In place, the previous bundle.json is kept as
+bundle.json.vN (`edge-ad teach --model BUNDLE --revert` restores it). Needs openvino and
+numpy only (no torch), so it runs on the edge PC.
 """
 
 from __future__ import annotations
@@ -15,18 +19,20 @@ import argparse
 import logging
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 
-from deploy.ir_eval import IrError, IrRunner, infer_images
 from edge_ad.model.bundle import BUNDLE_FILE, Bundle, BundleError, read_bundle, write_bundle
-from edge_ad.sources.images import list_images
+from edge_ad.model.signing import add_sign_key_option, signing
+from edge_ad.errors import EdgeAdError
+from edge_ad.ops.teach import FrameScorer, commit_thresholds, compare_with_validation, fit_thresholds, score_frames
+from edge_ad.sources.capture import Frame
+from edge_ad.sources.images import ImageReadError, list_images, read_image
 from edge_ad.ops.tool_cli import run_tool
-from edge_ad.decide.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, estimate_thresholds
+from edge_ad.decide.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR
 
 log = logging.getLogger("calibration")
 
@@ -66,8 +72,8 @@ def _copy_bundle(source: Path, bundle: Bundle, out: Path, force: bool) -> None:
 
 def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
     """Run the IR over the site images, recompute thresholds, write bundle.json; returns (folder, bundle)."""
-    if not 0.0 <= config.target_fpr < 1.0 or not 0.0 <= config.pixel_fpr < 1.0:
-        raise ThresholdError("--target-fpr and --pixel-fpr must be in [0, 1)")
+    if not 0.0 < config.target_fpr < 1.0 or not 0.0 < config.pixel_fpr < 1.0:
+        raise ThresholdError("--target-fpr and --pixel-fpr must be in (0, 1), i.e. [0, 1) without 0")
     bundle = read_bundle(config.bundle_dir)  # refuses tampered files and unknown schemas
     images_dir = Path(config.images)
     if not images_dir.is_dir():
@@ -79,51 +85,57 @@ def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
             "(ideally 100 or more for a 1% false-positive target)"
         )
 
-    started = time.perf_counter()
-    runner = IrRunner.open(Path(config.bundle_dir) / bundle.model.xml, config.device)
-    shape = runner.compiled.inputs[0].get_partial_shape()
-    spec = bundle.preprocess
-    if shape.rank.is_static and shape.rank.get_length() == 4 and shape[2].is_static and shape[3].is_static:
-        if (shape[2].get_length(), shape[3].get_length()) != (spec.height, spec.width):
-            raise ThresholdError(f"the IR takes {shape[3]}x{shape[2]} images but bundle.json says {spec.width}x{spec.height}")
+    # One path for site thresholds: the runtime's own compiled model and edge_ad's teach-in helpers.
+    scorer = FrameScorer(config.bundle_dir, config.device)
+    skipped: list[str] = []
 
-    def progress(done: int, total: int) -> None:
-        if done % 50 == 0 or done == total:
-            log.info("%d/%d images (%.1f s)", done, total, time.perf_counter() - started)
+    def frames():
+        for index, path in enumerate(paths):
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                skipped.append(str(exc))
+                continue
+            yield Frame(index=index, image=image, timestamp=0.0, name=path.name)
 
-    result = infer_images(runner, paths, bundle.preprocess, progress=progress)
-    for path, reason in result.skipped[:5]:
+    scores, pixels = score_frames(scorer, frames(), len(paths))
+    for reason in skipped[:5]:
         log.warning("skipped: %s", reason)
-    if result.skipped:
-        log.warning("skipped %d of %d files as unreadable", len(result.skipped), len(paths))
-    n = len(result.paths)
+    if skipped:
+        log.warning("skipped %d of %d files as unreadable", len(skipped), len(paths))
+    n = int(scores.size)
     if n < config.min_images:
-        raise ThresholdError(f"only {n} readable images in {images_dir} ({len(result.skipped)} unreadable); need at least {config.min_images}")
-    if config.target_fpr > 0 and n * config.target_fpr < 1:
+        raise ThresholdError(f"only {n} readable images in {images_dir} ({len(skipped)} unreadable); need at least {config.min_images}")
+    if n * config.target_fpr < 1:
         log.warning("%d images for a %.3g false-positive target: the image threshold is close to the largest normal score", n, config.target_fpr)
+    warning = compare_with_validation(bundle.thresholds, scores)
+    if warning:
+        log.warning("%s", warning)
 
     previous = asdict(bundle.thresholds)
-    bundle.thresholds = estimate_thresholds(
-        result.scores, result.maps, config.target_fpr, config.pixel_fpr, source=f"site:{images_dir}, {n} images"
-    )
-    calibration = dict(bundle.calibration or {})
-    calibration["thresholds"] = {
+    thresholds = fit_thresholds(bundle, scores, pixels, config.target_fpr, config.pixel_fpr,
+                                source=f"site:{images_dir}, {n} images")
+    record = {
         "images": str(images_dir),
         "n_images": n,
-        "n_skipped": len(result.skipped),
+        "n_skipped": len(skipped),
         "target_fpr": config.target_fpr,
         "pixel_fpr": config.pixel_fpr,
         "previous": previous,
         "recalibrated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    bundle.calibration = calibration
-
     out = Path(config.out) if config.out is not None else Path(config.bundle_dir)
-    _copy_bundle(Path(config.bundle_dir), bundle, out, config.force)
-    expected = dict(bundle.files)
-    write_bundle(out, bundle)
-    if bundle.files != expected:  # write_bundle re-hashes; the model files must be the ones verified above
-        raise ThresholdError(f"model files in {out} changed during recalibration")
+    if out.resolve() == Path(config.bundle_dir).resolve():
+        kept = commit_thresholds(out, bundle, thresholds, record, record_key="thresholds")  # reversible
+        log.info("previous bundle.json kept as %s (edge-ad teach --model %s --revert restores it)", kept.name, out)
+    else:
+        _copy_bundle(Path(config.bundle_dir), bundle, out, config.force)
+        expected = dict(bundle.files)
+        bundle.thresholds = thresholds
+        bundle.calibration = {**(bundle.calibration or {}), "thresholds": record}
+        write_bundle(out, bundle)
+        if bundle.files != expected:  # write_bundle re-hashes; the model files must be the ones verified above
+            raise ThresholdError(f"model files in {out} changed during recalibration")
     log.info(
         "image threshold %.6g -> %.6g, pixel threshold %.6g -> %.6g (%d images)",
         previous["image"], bundle.thresholds.image, previous["pixel"], bundle.thresholds.pixel, n,
@@ -144,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-images", type=int, default=MIN_IMAGES, help="refuse fewer readable images than this (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default %(default)s)")
+    add_sign_key_option(parser)
     return parser
 
 
@@ -153,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     cv2_logging = getattr(getattr(cv2, "utils", None), "logging", None)
     if cv2_logging is not None:
         cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
+    sign_key = vars(args).pop("sign_key")
     config = RecalibrationConfig(**vars(args))
-    return run_tool(lambda: recalibrate(config)[0], (ThresholdError, BundleError, IrError, ValueError, OSError))
+    return run_tool(signing(lambda: recalibrate(config)[0], sign_key),
+                    (ThresholdError, BundleError, EdgeAdError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job: set up, then train -> export -> INT8 -> edge-ad -> MQTT on generated data.
+# The README's main job: set up, then train -> export -> INT8 -> teach-in -> edge-ad -> MQTT alerts and per-part verdicts on generated data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,9 @@ def test_recalibration_in_place(tiny_fp32_bundle, site_images, tmp_path, capsys)
     assert after.files == before.files
     assert after.thresholds.source.startswith("site:")
     assert after.thresholds.target_fpr == 0.01
-    assert sorted(p.name for p in folder.iterdir()) == ["bundle.json", "model.bin", "model.xml"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bundle.json", "bundle.json.v1", "model.bin", "model.xml"]
+    assert read_bundle(folder).calibration["thresholds"]["previous_version"] == "bundle.json.v1"
+    assert json.loads((folder / "bundle.json.v1").read_text())["thresholds"] == asdict(before.thresholds)
 
 
 def one_line_error(argv, capsys) -> str:
