@@ -256,7 +256,7 @@ def measure_footprint(variants: list[Variant], out_dir: Path, *, category: str =
         workdir = Path(tmp)
         log(f"footprint: writing a synthetic {video_size[0]}x{video_size[1]} video of {frames} frames ...")
         video = pf.synthetic_video(workdir / "synthetic.avi", frames, *video_size)
-        broker = pf.Mosquitto(mosquitto, workdir) if use_mqtt else None
+        broker = pf.Mosquitto(workdir, binary=mosquitto) if use_mqtt else None
         if broker is not None:
             broker.__enter__()
         try:

@@ -56,7 +56,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -71,6 +70,9 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]  # the edge-ad checkout whose `python -m edge_ad` is measured (--repo)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/pipeline_fps.py`
+
+from benchmarks.broker import BrokerStartError, Mosquitto, find_mosquitto  # noqa: E402
 TOPIC_ROOT = "edge-ad"
 CAMERA_ID = "bench"
 TARGET_RATIO = 0.90
@@ -199,59 +201,6 @@ def video_info(path: Path) -> dict:
 
 
 # -- broker -----------------------------------------------------------------------------------------
-
-def find_mosquitto() -> str | None:
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-                                               if Path(p).exists()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Mosquitto:
-    """A throw-away mosquitto on a free loopback port, so publishing in the benchmark is real."""
-
-    def __init__(self, binary: str, folder: Path):
-        self.binary, self.folder = binary, folder
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Mosquitto":
-        conf = self.folder / "mosquitto.conf"
-        stay_root = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{stay_root}")
-        log_path = self.folder / "mosquitto.log"
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise BenchmarkError(f"mosquitto did not start on port {self.port}: "
-                                         f"{log_path.read_text()[-300:].strip()}") from None
-                time.sleep(0.05)
-
-    def version(self) -> str:
-        out = subprocess.run([self.binary, "-h"], capture_output=True, text=True).stdout
-        match = re.search(r"mosquitto version (\S+)", out)
-        return match.group(1) if match else "?"
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 class Subscriber:
     """Everything edge-ad publishes for one device id (heartbeats for fps, alerts as proof of delivery)."""
@@ -676,9 +625,12 @@ def measure(args: argparse.Namespace, workdir: Path, mosquitto: str | None) -> d
         video, origin = synthetic_video(workdir / "synthetic.avi", args.frames, width, height), "synthetic"
     info = {**video_info(video), "origin": origin}
     results = []
-    broker_cm = Mosquitto(mosquitto, workdir) if mosquitto else None
+    broker_cm = Mosquitto(workdir, binary=mosquitto) if mosquitto else None
     if broker_cm is not None:
-        broker_cm.__enter__()
+        try:
+            broker_cm.start()
+        except BrokerStartError as exc:
+            raise BenchmarkError(str(exc)) from None
     try:
         publishing = f"MQTT to mosquitto {broker_cm.version()} on 127.0.0.1:{broker_cm.port}" if broker_cm \
             else "JSON lines to a file (no broker)"
@@ -686,7 +638,7 @@ def measure(args: argparse.Namespace, workdir: Path, mosquitto: str | None) -> d
             results.append(measure_bundle(args, bundle, video, info["frames"], broker_cm, workdir, index))
     finally:
         if broker_cm is not None:
-            broker_cm.__exit__()
+            broker_cm.stop()
     return {"machine": machine, "repo": str(REPO), "video": info, "mode": args.mode, "device": args.device,
             "publishing": publishing,
             "target_ratio": TARGET_RATIO, "results": results, "load_average_end": load_average()}

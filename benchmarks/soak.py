@@ -19,8 +19,6 @@ import gc
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,54 +28,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.broker import BrokerStartError, Mosquitto  # noqa: E402  (needs REPO on sys.path)
+
 
 def rss_mb() -> float:
     """Resident set size of this process, MiB (Linux /proc)."""
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class LocalBroker:
-    """mosquitto on a free loopback port, killable and restartable on the same port."""
-
-    def __init__(self, folder: Path):
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
-            raise SystemExit("soak: mosquitto not found; install it or pass --mqtt-host")
-        self.binary, self.folder = binary, folder
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        stay = "user root\n" if os.geteuid() == 0 else ""
-        (folder / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nautosave_interval 1\nautosave_on_changes true\n{stay}")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.folder / "mosquitto.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("soak: mosquitto did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 class Counter:
@@ -103,6 +61,8 @@ class Counter:
 
     def _on_message(self, client, userdata, message) -> None:
         payload = json.loads(message.payload)
+        if payload.get("event") not in ("alert", "clear"):
+            return  # per-camera status and heartbeats share the subtree
         with self.lock:
             self.copies += 1
             self.ids.add(payload["event_id"])
@@ -147,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     readings: dict[str, float] = {}
     try:
         if args.model is None:
-            sys.path.insert(0, str(REPO / "tests"))
-            from runtime_helpers import build_bundle
+            from benchmarks.tiny_bundle import build_bundle
 
             args.model = str(build_bundle(work / "bundle"))
         if args.mqtt_host is None:
-            broker = LocalBroker(work)
-            broker.start()
+            try:
+                broker = Mosquitto(work, persistent=True).start()
+            except BrokerStartError as exc:
+                raise SystemExit(f"soak: {exc}; install mosquitto or pass --mqtt-host") from None
             host, port = "127.0.0.1", broker.port
         else:
             host, port = args.mqtt_host, args.mqtt_port

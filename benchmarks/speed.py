@@ -326,7 +326,7 @@ def measure_speed(variants: list[Variant], out_dir: Path, *, category: str = DEF
         with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
             workdir = Path(tmp)
             video_info = make_video(workdir, video, from_images, max(pipeline_frames, 10), video_size)
-            broker = pf.Mosquitto(mosquitto, workdir) if use_mqtt else None
+            broker = pf.Mosquitto(workdir, binary=mosquitto) if use_mqtt else None
             if broker is not None:
                 broker.__enter__()
             try:

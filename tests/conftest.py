@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prerequisites import missing, required
+
+
+def pytest_configure(config):
+    """Check $EDGE_AD_REQUIRE once, before any test: a typo in it is a usage error, not a silently lost check."""
+    required()
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +34,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.data.synthetic import generate_synthetic_dataset
 
     return generate_synthetic_dataset(
-        tmp_path_factory.mktemp("synthetic_data"), image_size=64, n_train=24, n_test_good=6, n_test_defect=6
+        tmp_path_factory.mktemp("synthetic_data"), image_size=64, n_train=40, n_test_good=6, n_test_defect=6
     )
 
 
@@ -75,7 +81,7 @@ def find_mvtec_root() -> Path | None:
 def mvtec_root() -> Path:
     root = find_mvtec_root()
     if root is None:
-        pytest.skip("real MVTec AD data not found (set EDGE_AD_MVTEC_ROOT or provide ../shared/data/mvtec_ad)")
+        missing("mvtec", "real MVTec AD data not found (set EDGE_AD_MVTEC_ROOT or provide ../shared/data/mvtec_ad)")
     return root
 
 
@@ -94,7 +100,8 @@ def bottle_stfpm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="session")
 def bottle_dfm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DFM, EfficientNet-Lite0 stride-16 features, 256 px on real bottle."""
+    """DFM with the default recipe (MobileNetV2 stride-8 tap pooled to 16, augmented PCA, top-1 % map score)
+    but the EfficientNet-Lite0 backbone, 256 px on real bottle."""
     from training import dfm
     from training.config import DfmConfig
 
@@ -103,3 +110,12 @@ def bottle_dfm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         out=str(tmp_path_factory.mktemp("bottle_runs")),
     )
     return dfm.train(config)
+
+
+@pytest.fixture(scope="session")
+def screw_dfm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DFM exactly as `python -m training.dfm --category screw` trains it (the default recipe)."""
+    from training import dfm
+    from training.config import DfmConfig
+
+    return dfm.train(DfmConfig(category="screw", data_root=str(mvtec_root), out=str(tmp_path_factory.mktemp("screw_runs"))))

@@ -1,8 +1,8 @@
 """Test helpers for the edge_ad runtime: a real (tiny) OpenVINO bundle, synthetic frames, a real broker.
 
-No training: the model is built with OpenVINO's opset API. It computes
-anomaly_map = avg_pool3x3(mean_c |x - 0.5|) and score = max(anomaly_map), so
-bright rectangles on a flat gray background are "defects" whose masks we know.
+The bundle builder (benchmarks/tiny_bundle.py) and the mosquitto launcher (benchmarks/broker.py) are
+shared with the benchmarks and the demo and re-exported here. A broker that does not start is an
+error, never a skip; a missing mosquitto binary is a skip, or a failure under EDGE_AD_REQUIRE=mosquitto.
 Import fixtures from here in a test module: `from runtime_helpers import bundle_dir, mosquitto`.
 """
 
@@ -22,43 +22,16 @@ import cv2
 import numpy as np
 import pytest
 
+from prerequisites import missing
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `pytest` run from elsewhere: benchmarks/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.broker import BrokerStartError, Mosquitto as Broker, find_mosquitto, free_port  # noqa: F401
+from benchmarks.tiny_bundle import SIZE, build_bundle  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 64  # model input
 GRAY = 128  # background, ~0.5 = the model's reference
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-
-
-def build_bundle(folder: Path, size: int = SIZE, precision: str = "fp32") -> Path:
-    """A real IR + bundle.json. Raw thresholds: image 0.15, pixel 0.25 (defects score ~0.5, background ~0.005)."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    from edge_ad.model.bundle import Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
-    from edge_ad.model.preprocess import PreprocessSpec
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    image = ops.parameter([1, 3, size, size], np.float32, name="image")
-    image.output(0).get_tensor().set_names({"image"})
-    diff = ops.abs(ops.subtract(image, ops.constant(np.float32(0.5))))
-    per_pixel = ops.reduce_mean(diff, ops.constant(np.array([1], dtype=np.int64)), keep_dims=True)
-    smooth = ops.avg_pool(per_pixel, [1, 1], [1, 1], [1, 1], [3, 3], exclude_pad=True)
-    smooth.set_friendly_name("anomaly_map")
-    smooth.output(0).get_tensor().set_names({"anomaly_map"})
-    score = ops.reduce_max(smooth, ops.constant(np.array([1, 2, 3], dtype=np.int64)), keep_dims=False)
-    score.set_friendly_name("score")
-    score.output(0).get_tensor().set_names({"score"})
-    model = ov.Model([smooth, score], [image], "test-absdiff")
-    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
-    bundle = Bundle(
-        model=ModelInfo(algorithm="absdiff", backbone="none", precision=precision),
-        preprocess=PreprocessSpec.square(size),
-        thresholds=Thresholds(image=0.15, pixel=0.25, image_min=0.0, image_max=0.3, pixel_min=0.0, pixel_max=0.5),
-        training=TrainingInfo(category="synthetic", data_root="-", data_fingerprint="-", epochs=None, seed=0,
-                              image_size=size, validation_fraction=0.0),
-    )
-    write_bundle(folder, bundle)
-    return folder
+MOSQUITTO = find_mosquitto()
 
 
 def make_frame(boxes=(), height: int = 192, width: int = 256, channels: int = 3) -> np.ndarray:
@@ -120,72 +93,16 @@ def run_cli(*args, timeout: float = 60, env: dict | None = None, **kwargs) -> su
                           timeout=timeout, env=cli_env(env), cwd=REPO, **kwargs)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     return build_bundle(tmp_path_factory.mktemp("bundle"))
 
 
-class Broker:
-    """A real mosquitto on a loopback port; can be stopped (or killed) and started again on the same port.
-
-    persistent=True saves sessions and queued QoS 1 messages to disk after every change, so a
-    subscriber with a persistent session gets what arrived while it was away even across a kill -9.
-    """
-
-    def __init__(self, folder: Path, extra: str = "allow_anonymous true\n", persistent: bool = False):
-        self.folder = folder
-        self.host, self.port = "127.0.0.1", free_port()
-        self.conf = folder / "mosquitto.conf"
-        stay = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""  # keep access to tmp files
-        keep = (f"persistence true\npersistence_location {folder}/\nautosave_interval 1\nautosave_on_changes true\n"
-                if persistent else "persistence false\n")
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{keep}{stay}{extra}")
-        self.proc: subprocess.Popen | None = None
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to clients, nothing saved beyond what autosave already wrote."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def start(self) -> None:
-        log = open(self.folder / "mosquitto.log", "a")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.skip(f"mosquitto did not start: {(self.folder / 'mosquitto.log').read_text()[-300:]}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    """A real broker (skipped with a reason when mosquitto is not installed)."""
+    """A real broker (skipped, or failed under EDGE_AD_REQUIRE=mosquitto, when mosquitto is not installed)."""
     if MOSQUITTO is None:
-        pytest.skip("mosquitto broker binary not installed (apt-get install mosquitto)")
+        missing("mosquitto", "mosquitto broker binary not installed (apt-get install mosquitto)")
     server = Broker(tmp_path_factory.mktemp("mosquitto"))
     server.start()
     yield server

@@ -1,7 +1,8 @@
 """The documented broker ACL (deploy/examples/mosquitto-acl.conf) on a real mosquitto with passwords:
 a device (user name = device id) publishes its alerts, status and heartbeats under edge-ad/<device>/,
 and nothing anywhere else. MQTT 3.1.1 gives no sign of a denied publish (mosquitto drops it and still
-acknowledges); with --mqtt-version 5 edge-ad sees the refusal and keeps the alerts in the outbox."""
+acknowledges; edge-ad warns at start); with MQTT 5, the default, edge-ad sees the refusal and keeps the alerts
+in the outbox, reported in status and heartbeats."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from prerequisites import missing
 from runtime_helpers import (  # noqa: F401  (fixtures)
     MOSQUITTO, REPO, Broker, Subscriber, bundle_dir, jsonl, make_frame, outbox_rows, run_cli, write_video,
 )
@@ -25,7 +27,7 @@ BOX = (64, 48, 64, 48)
 @pytest.fixture(scope="module")
 def acl_broker(tmp_path_factory):
     if MOSQUITTO is None or not shutil.which("mosquitto_passwd"):
-        pytest.skip("needs mosquitto and mosquitto_passwd")
+        missing("mosquitto", "needs mosquitto and mosquitto_passwd")
     folder = tmp_path_factory.mktemp("acl")
     passwd = folder / "passwd"
     for user, password in PASSWORDS.items():
@@ -68,8 +70,8 @@ def test_a_device_publishes_alerts_status_and_heartbeats_under_its_own_subtree(a
     assert [e["event"] for e in raised] == ["alert", "clear", "alert", "clear"]
     assert sub.event_ids() == [e["event_id"] for e in raised]
     topics = {t for t, _ in sub.messages}
-    assert topics == {"edge-ad/line3/cam/alert", "edge-ad/line3/cam/clear", "edge-ad/line3/status",
-                      "edge-ad/line3/heartbeat"}
+    assert topics == {"edge-ad/line3/cam/alert", "edge-ad/line3/cam/clear", "edge-ad/line3/cam/status",
+                      "edge-ad/line3/cam/heartbeat"}
     assert outbox_rows(tmp_path / "outbox.sqlite") == []
     assert PASSWORDS["line3"] not in proc.stderr + proc.stdout
 
@@ -78,11 +80,12 @@ def test_mqtt311_impersonation_is_dropped_silently_by_the_broker(acl_broker, bun
     """User line3 claiming device id line4: mosquitto drops every publish (and still acknowledges it)."""
     spy = Subscriber(acl_broker.host, acl_broker.port, "#", username="spy", password=PASSWORDS["spy"])
     try:
-        proc = run_device(acl_broker, bundle_dir, video, tmp_path, "line4", "line3")
+        proc = run_device(acl_broker, bundle_dir, video, tmp_path, "line4", "line3", "--mqtt-version", "3.1.1")
         time.sleep(1.0)
     finally:
         spy.close()
     assert proc.returncode == 0, proc.stderr
+    assert "ACL) still acknowledges it, so refused alerts cannot be detected" in proc.stderr
     assert len(jsonl(tmp_path / "raised.jsonl", "alert")) == 2
     assert not [t for t, _ in spy.messages if t.startswith("edge-ad/line4/")]  # denied: nothing arrived
     assert outbox_rows(tmp_path / "outbox.sqlite") == []  # ... yet acknowledged: why MQTT v5 is recommended
@@ -91,10 +94,11 @@ def test_mqtt311_impersonation_is_dropped_silently_by_the_broker(acl_broker, bun
 def test_mqtt5_refused_alerts_are_reported_and_kept(acl_broker, bundle_dir, video, tmp_path):
     spy = Subscriber(acl_broker.host, acl_broker.port, "#", username="spy", password=PASSWORDS["spy"])
     try:
-        proc = run_device(acl_broker, bundle_dir, video, tmp_path, "line4", "line3", "--mqtt-version", "5")
+        proc = run_device(acl_broker, bundle_dir, video, tmp_path, "line4", "line3")  # MQTT 5: the default
     finally:
         spy.close()
     assert proc.returncode == 0, proc.stderr
+    assert "cannot be detected" not in proc.stderr
     raised = jsonl(tmp_path / "raised.jsonl", "alert", "clear")
     assert not [t for t, _ in spy.messages if t.startswith("edge-ad/line4/")]
     assert "MQTT broker refused an alert" in proc.stderr and "Not authorized" in proc.stderr
@@ -102,9 +106,15 @@ def test_mqtt5_refused_alerts_are_reported_and_kept(acl_broker, bundle_dir, vide
     assert [p for _, _, p in outbox_rows(tmp_path / "outbox.sqlite")] == raised  # nothing lost
     beats = jsonl(tmp_path / "raised.jsonl", "heartbeat")
     assert any(b["state"] == "degraded" and "Not authorized" in b.get("reason", "") for b in beats)
+    assert 1 <= max(b["outbox_refused"] for b in beats) <= len(raised)  # refused rows, counted, kept
+    statuses = jsonl(tmp_path / "raised.jsonl", "status")
+    assert any(s["state"] == "degraded" and "Not authorized" in s.get("reason", "") for s in statuses)
+    print(f"\nFIGURES ACL denial (MQTT 5 default): raised {len(raised)}, delivered 0, kept in the outbox "
+          f"{len(outbox_rows(tmp_path / 'outbox.sqlite'))}, refused rows in heartbeats "
+          f"{max(b['outbox_refused'] for b in beats)}")
 
     # The same device under its own name: MQTT v5, accepted, the outbox drains (the ACL was the only problem).
-    ok = run_device(acl_broker, bundle_dir, video, tmp_path / "own", "line3", "line3", "--mqtt-version", "5")
+    ok = run_device(acl_broker, bundle_dir, video, tmp_path / "own", "line3", "line3")
     assert ok.returncode == 0 and "refused an alert" not in ok.stderr, ok.stderr
     assert outbox_rows(tmp_path / "own" / "outbox.sqlite") == []
 

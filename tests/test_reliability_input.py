@@ -17,6 +17,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prerequisites import missing
 from runtime_helpers import (  # noqa: F401  (fixtures)
     MOSQUITTO, Broker, Subscriber, bundle_dir, jsonl, make_frame, start_cli, wait_until, write_video,
 )
@@ -260,7 +261,7 @@ def test_a_stream_that_vanishes_mid_run_is_degraded_then_online_again_over_mqtt(
     """The CLI on a `file://` stream: the file disappears, status goes degraded (on the broker and in
     heartbeats), the file returns, frames flow again; no restart."""
     if MOSQUITTO is None:
-        pytest.skip("mosquitto not installed")
+        missing("mosquitto", "mosquitto not installed")
     broker = Broker(tmp_path)
     broker.start()
     path = write_video(tmp_path / "cam.avi", [make_frame() for _ in range(10)])

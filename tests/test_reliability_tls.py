@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prerequisites import missing
 from runtime_helpers import (  # noqa: F401  (fixtures)
     MOSQUITTO, Broker, Subscriber, bundle_dir, jsonl, make_frame, outbox_rows, run_cli, start_cli, wait_until,
     write_video,
@@ -30,7 +31,7 @@ def _openssl(*args, cwd):
 def pki(tmp_path_factory) -> Path:
     """A test CA, a broker certificate for localhost, client certificates for the device and the dashboard."""
     if MOSQUITTO is None or not shutil.which("openssl") or not shutil.which("mosquitto_passwd"):
-        pytest.skip("needs mosquitto, mosquitto_passwd and openssl")
+        missing("mosquitto", "needs mosquitto, mosquitto_passwd and openssl")
     folder = tmp_path_factory.mktemp("pki")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=edge-ad test CA",
@@ -147,7 +148,7 @@ def test_wrong_password_at_start_is_one_line_and_keeps_the_outbox(tls_broker, pk
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("edge-ad: error:")]
     assert errors == [f"edge-ad: error: MQTT broker at localhost:{broker.port} refused the connection: "
-                      f"Not authorized"]
+                      f"Not authorized (fix the credentials, client id or --mqtt-version)"]
     assert "Traceback" not in proc.stderr
     assert [p for _, _, p in outbox_rows(tmp_path / "outbox.sqlite")] == earlier  # nothing lost
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import cv2
+import numpy as np
 import pytest
 from runtime_helpers import REPO, bundle_dir, make_frame  # noqa: F401  (fixture)
 
@@ -42,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 pytestmark = pytest.mark.slow
 
 TRAIN_ONLY = {"torch", "torchvision", "nncf", "scikit-learn", "sklearn"}
-RUNTIME_DEPS = {"openvino", "numpy", "opencv-python-headless", "paho-mqtt"}
+RUNTIME_DEPS = {"openvino", "numpy", "opencv-python-headless", "paho-mqtt", "cryptography"}
 # pip's wording when no package index can be reached (offline machine, proxy, DNS).
 NETWORK_ERRORS = (
     "NewConnectionError", "ConnectionError", "Connection refused", "Max retries exceeded",
@@ -201,3 +202,26 @@ def test_images_to_jsonl_in_clean_venv(clean_venv, bundle_dir, tmp_path):
     assert [c["frame_index"] for c in events if c["event"] == "clear"] == [4, 8]
     heartbeat = [e for e in events if e["event"] == "heartbeat"][-1]
     assert heartbeat["processed"] == 10 and heartbeat["errors"] == 0
+
+
+def test_teach_in_and_per_part_in_clean_venv(clean_venv, tmp_path):
+    """`edge-ad teach` on the edge PC: no torch, no training package; then a verdict per part."""
+    from runtime_helpers import build_bundle
+
+    bundle = build_bundle(tmp_path / "bundle")
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        cv2.imwrite(str(normal / f"n{i:02d}.png"), np.clip(rng.normal(150, 8, (96, 128, 3)), 0, 255).astype(np.uint8))
+    env = _clean_env(clean_venv)
+    proc = _run([clean_venv / "bin" / "edge-ad", "teach", "--images", normal, "--model", bundle, "--frames", "40"],
+                env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bundle.json.v1" in proc.stdout and (bundle / "bundle.json.v1").exists()
+    out = tmp_path / "verdicts.jsonl"
+    proc = _run([clean_venv / "bin" / "edge-ad", "--images", normal, "--per-part", "--model", bundle, "--jsonl", out],
+                env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verdicts = [e for e in map(json.loads, out.read_text().splitlines()) if e["event"] == "verdict"]
+    assert len(verdicts) == 40 and {v["verdict"] for v in verdicts} == {"OK"}  # the taught parts are normal

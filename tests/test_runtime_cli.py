@@ -60,7 +60,7 @@ def test_no_arguments_prints_help_and_exits_2(capsys):
 
 def test_no_such_camera(bundle_dir):
     proc = run_cli("--camera", "99", "--model", bundle_dir, "--source-retries", "1", "--retry-delay", "0.05")
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # retryable: the camera may be plugged in later (systemd restarts on 1)
     one_line_error(proc, "camera 99", "gave up after 2 attempts")
 
 

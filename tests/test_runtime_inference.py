@@ -23,6 +23,12 @@ def frame(index: int, boxes=()) -> Frame:
     return Frame(index=index, image=make_frame(boxes), timestamp=index / 25)
 
 
+def start(detector: Detector, item: Frame) -> bool:
+    """Prepare and start one frame the way the pipeline's PrepareStage does (False: unusable or refused)."""
+    tensor = detector.try_prepare(item)
+    return tensor is not None and detector.start(item, tensor)
+
+
 def collect(detector: Detector, count: int, timeout: float = 10.0):
     results = []
     deadline = time.monotonic() + timeout
@@ -33,8 +39,8 @@ def collect(detector: Detector, count: int, timeout: float = 10.0):
 
 def test_outputs_for_normal_and_defect_frames(bundle_dir):
     detector = Detector(bundle_dir)
-    assert detector.submit(frame(0), block=True)
-    assert detector.submit(frame(1, [(64, 48, 64, 48)]), block=True)
+    assert start(detector, frame(0))
+    assert start(detector, frame(1, [(64, 48, 64, 48)]))
     detector.drain()
     normal, defect = sorted(collect(detector, 2), key=lambda r: r.seq)
     assert normal.anomaly_map.shape == (64, 64) and normal.error is None
@@ -50,7 +56,7 @@ def test_throughput_mode_with_many_requests_processes_every_frame_in_seq(bundle_
     consumer = threading.Thread(target=lambda: done.extend(collect(detector, 40)))
     consumer.start()
     for i in range(40):
-        assert detector.submit(frame(i, [(8, 8, 30, 30)] if i % 2 else []), block=True)
+        assert start(detector, frame(i, [(8, 8, 30, 30)] if i % 2 else []))
     detector.drain()
     consumer.join()
     assert sorted(r.seq for r in done) == list(range(40)) and detector.dropped == 0
@@ -61,20 +67,24 @@ def test_throughput_mode_with_many_requests_processes_every_frame_in_seq(bundle_
 def test_live_source_drops_new_frames_when_all_requests_are_busy(bundle_dir):
     """With nobody consuming results, the callback blocks on the full results queue, so the
     only request stays busy and further frames are dropped and counted, never queued."""
+    from edge_ad.pipeline import PrepareStage
+
     detector = Detector(bundle_dir, requests=1, result_queue_size=2)
+    stage = PrepareStage(detector, workers=1, live=True)
     accepted = 0
     for i in range(30):
-        accepted += detector.submit(frame(i), block=False)
+        accepted += stage.put(frame(i))
         time.sleep(0.01)
     assert accepted == 3 and detector.dropped == 27 and detector.submitted == 3
     assert len(collect(detector, 3)) == 3
+    stage.close()
     detector.drain()
 
 
 def test_unusable_frame_is_counted_not_fatal(bundle_dir):
     detector = Detector(bundle_dir)
     bad = Frame(index=0, image=np.zeros((0, 0, 3), np.uint8), timestamp=0.0)
-    assert not detector.submit(bad, block=True)
+    assert not start(detector, bad)
     assert detector.failed == 1 and detector.submitted == 0
 
 
@@ -160,7 +170,7 @@ def test_pixel_conversion_in_the_model_matches_preprocess(tmp_path, color):
     for i, image in enumerate(frames):
         tensor = detector.prepare(Frame(index=i, image=image, timestamp=0.0))
         assert tensor.dtype == np.uint8 and tensor.shape == (1, 48, 48, 3)
-        assert detector.submit(Frame(index=i, image=image, timestamp=0.0), block=True)
+        assert start(detector, Frame(index=i, image=image, timestamp=0.0))
         detector.drain()
         result = detector.results.get(timeout=10)
         expected = plain.infer({"image": preprocess(image, bundle.preprocess)[None]})
@@ -214,7 +224,7 @@ def test_host_preprocessing_when_the_ir_refuses_the_uint8_input(bundle_dir, monk
     assert fallback.prepare(frame(0, [(64, 48, 64, 48)])).dtype == np.float32
     maps = []
     for detector in (reference, fallback):
-        assert detector.submit(Frame(index=0, image=image, timestamp=0.0), block=True)
+        assert start(detector, Frame(index=0, image=image, timestamp=0.0))
         detector.drain()
         maps.append(detector.results.get(timeout=10).anomaly_map)
     assert np.abs(maps[0] - maps[1]).max() <= 1e-5 * np.abs(maps[1]).max()

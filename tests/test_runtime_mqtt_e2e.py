@@ -125,8 +125,8 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
     assert [p["clears"] for _, p in clears] == [p["event_id"] for _, p in alerts]
 
     statuses = [(t, p["state"]) for t, p, _ in messages if p["event"] == "status"]
-    assert statuses[0] == ("edge-ad/e2e/status", "online") and statuses[-1] == ("edge-ad/e2e/status", "offline")
-    beat = [p for t, p, _ in messages if t == "edge-ad/e2e/heartbeat"][-1]
+    assert statuses[0] == ("edge-ad/e2e/line1/status", "online") and statuses[-1] == ("edge-ad/e2e/line1/status", "offline")
+    beat = [p for t, p, _ in messages if t == "edge-ad/e2e/line1/heartbeat"][-1]
     assert beat["processed"] == 42 and beat["dropped"] == 0 and beat["alerts"] == 2
     assert set(beat["latency_ms"]) == {"p50", "p95", "p99"} and beat["fps"] >= 0
 
@@ -134,7 +134,7 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
     assert [(h["topic"], h["frame_index"]) for h in heard] == [("edge-ad/e2e/line1/alert", 12),
                                                                ("edge-ad/e2e/line1/alert", 32)]
 
-    late = Subscriber(host, port, "edge-ad/e2e/status")  # retained status survives the process
+    late = Subscriber(host, port, "edge-ad/e2e/line1/status")  # retained status survives the process
     try:
         retained = late.wait_for(lambda m: len(m) >= 1)
     finally:
@@ -181,7 +181,7 @@ def test_sigterm_drains_and_publishes_offline(mosquitto, bundle_dir, long_video)
 
 def test_last_will_reports_offline_when_the_process_dies(mosquitto, bundle_dir, long_video):
     host, port = mosquitto
-    sub = Subscriber(host, port, "edge-ad/killed/status")
+    sub = Subscriber(host, port, "edge-ad/killed/+/status")
     proc = _start_live_run(host, port, bundle_dir, long_video, "killed")
     try:
         sub.wait_for(lambda m: any(p.get("state") == "online" for _, p, _ in m))

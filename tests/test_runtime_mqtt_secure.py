@@ -11,6 +11,7 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
+from prerequisites import missing
 from runtime_helpers import MOSQUITTO, Broker, bundle_dir, make_frame, run_cli, write_video  # noqa: F401
 
 pytestmark = pytest.mark.mosquitto
@@ -24,7 +25,7 @@ def _openssl(*args, cwd):
 @pytest.fixture(scope="module")
 def secure_broker(tmp_path_factory):
     if MOSQUITTO is None or not shutil.which("openssl") or not shutil.which("mosquitto_passwd"):
-        pytest.skip("needs mosquitto, mosquitto_passwd and openssl")
+        missing("mosquitto", "needs mosquitto, mosquitto_passwd and openssl")
     folder = tmp_path_factory.mktemp("tls")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=edge-ad test CA",

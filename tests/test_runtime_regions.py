@@ -12,10 +12,15 @@ from hypothesis import strategies as st
 
 from edge_ad.model.bundle import Thresholds
 from edge_ad.decide.normalization import normalize
-from edge_ad.decide.regions import RoiMask, extract_regions, find_regions
+from edge_ad.decide.regions import RoiMask, find_regions
 from edge_ad.decide.scoring import Scorer, raw_threshold
 
 THRESHOLDS = Thresholds(image=0.15, pixel=0.25, image_min=0.0, image_max=0.3, pixel_min=0.0, pixel_max=0.5)
+
+
+def regions_only(*args, **kwargs):
+    """The regions of `find_regions`, without their total."""
+    return find_regions(*args, **kwargs)[0]
 
 
 def square_map(size=64, boxes=(), value=0.5, background=0.0):
@@ -31,7 +36,7 @@ def ident(raw):
 
 def test_regions_are_in_frame_pixels():
     amap = square_map(boxes=[(16, 8, 16, 12)])  # model pixels; frame is 4x wide, 3x high
-    regions = extract_regions(amap, (192, 256), 0.25, ident)
+    regions = regions_only(amap, (192, 256), 0.25, ident)
     assert len(regions) == 1
     r = regions[0]
     assert (r.x, r.y, r.w, r.h) == (64, 24, 64, 36)
@@ -41,19 +46,19 @@ def test_regions_are_in_frame_pixels():
 
 def test_two_regions_largest_first_and_min_area():
     amap = square_map(boxes=[(2, 2, 4, 4), (30, 30, 20, 10)])
-    regions = extract_regions(amap, (64, 64), 0.25, ident)
+    regions = regions_only(amap, (64, 64), 0.25, ident)
     assert [(r.w, r.h) for r in regions] == [(20, 10), (4, 4)]
-    assert [r.area for r in extract_regions(amap, (64, 64), 0.25, ident, min_area=17)] == [200]
+    assert [r.area for r in regions_only(amap, (64, 64), 0.25, ident, min_area=17)] == [200]
 
 
 def test_nothing_above_threshold_gives_no_regions():
-    assert extract_regions(square_map(background=0.1), (100, 100), 0.25, ident) == []
+    assert regions_only(square_map(background=0.1), (100, 100), 0.25, ident) == []
 
 
 def test_peak_is_normalized_and_per_region():
     amap = square_map(boxes=[(0, 0, 8, 8), (40, 40, 8, 8)])
     amap[44, 44] = 0.9
-    regions = extract_regions(amap, (64, 64), 0.25, lambda raw: normalize(raw, 0.25, 0.0, 1.0))
+    regions = regions_only(amap, (64, 64), 0.25, lambda raw: normalize(raw, 0.25, 0.0, 1.0))
     assert sorted(r.peak for r in regions) == [pytest.approx(0.75), pytest.approx(1.0)]
 
 
@@ -63,7 +68,7 @@ def test_roi_mask_limits_inspection(tmp_path):
     mask[16:, 16:] = 255
     cv2.imwrite(str(tmp_path / "roi.png"), mask)
     roi = RoiMask.load(tmp_path / "roi.png")
-    regions = extract_regions(amap, (128, 128), 0.25, ident, roi=roi)
+    regions = regions_only(amap, (128, 128), 0.25, ident, roi=roi)
     assert [(r.x, r.y, r.w, r.h) for r in regions] == [(80, 80, 16, 16)]
 
 
@@ -107,11 +112,11 @@ def test_scorer_with_roi_ignores_defects_outside(tmp_path):
 def test_boxes_are_quantized_to_the_model_grid_and_min_area_is_in_frame_pixels():
     """Components are found at model resolution: a model pixel is frame/model frame pixels wide."""
     amap = square_map(boxes=[(10, 20, 4, 6)])  # 24 model pixels
-    (r,) = extract_regions(amap, (480, 640), 0.25, ident)  # one model pixel = 10 x 7.5 frame pixels
+    (r,) = regions_only(amap, (480, 640), 0.25, ident)  # one model pixel = 10 x 7.5 frame pixels
     assert (r.x, r.y, r.w, r.h) == (100, 150, 40, 45) and r.area == 24 * 75
-    assert len(extract_regions(amap, (480, 640), 0.25, ident, min_area=1800)) == 1
-    assert extract_regions(amap, (480, 640), 0.25, ident, min_area=1801) == []
-    (small,) = extract_regions(amap, (32, 32), 0.25, ident)  # frames smaller than the model work too
+    assert len(regions_only(amap, (480, 640), 0.25, ident, min_area=1800)) == 1
+    assert regions_only(amap, (480, 640), 0.25, ident, min_area=1801) == []
+    (small,) = regions_only(amap, (32, 32), 0.25, ident)  # frames smaller than the model work too
     assert (small.x, small.y, small.w, small.h) == (5, 10, 2, 3) and small.area == 6
 
 
@@ -182,7 +187,7 @@ def test_roi_mask_is_applied_at_model_size():
     roi = RoiMask(mask)
     assert roi.at(64, 64).shape == (64, 64) and roi.at(64, 64)[:, :32].sum() == 0 and roi.at(64, 64)[:, 32:].all()
     amap = square_map(boxes=[(4, 4, 8, 8), (30, 30, 8, 8)])  # the second straddles the ROI border at x=32
-    (r,) = extract_regions(amap, (480, 640), 0.25, ident, roi=roi)
+    (r,) = regions_only(amap, (480, 640), 0.25, ident, roi=roi)
     assert (r.x, r.y, r.w, r.h) == (320, 225, 60, 60)
     thin = np.zeros((480, 640), np.uint8)
     thin[:, 100] = 1  # thinner than half a model pixel: kept (any overlap) rather than inspecting nothing

@@ -127,10 +127,3 @@ def find_regions(
 def _scale(edge: int, factor: float, limit: int) -> int:
     """A model-grid edge in frame pixels (the model pixel's frame extent), rounded, inside the frame."""
     return min(limit, max(0, int(edge * factor + 0.5)))
-
-
-def extract_regions(anomaly_map: np.ndarray, frame_size: tuple[int, int], raw_threshold: float, to_normalized,
-                    min_area: int = 1, roi: RoiMask | None = None,
-                    max_regions: int | None = DEFAULT_MAX_REGIONS) -> list[Region]:
-    """`find_regions` without the total."""
-    return find_regions(anomaly_map, frame_size, raw_threshold, to_normalized, min_area, roi, max_regions)[0]

@@ -20,7 +20,7 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_ad.deliver.link import jittered
+from edge_ad.backoff import Backoff
 from edge_ad.deliver.outbox import Outbox
 
 log = logging.getLogger("edge_ad.delivery")
@@ -35,9 +35,10 @@ class Delivery:
                  retry_max_delay: float = 60.0):
         self.client, self.outbox, self.window = client, outbox, window
         self.on_refused = on_refused or (lambda reason: None)
-        self.retry_delay, self.retry_max_delay = retry_delay, retry_max_delay
+        self.backoff = Backoff(0, retry_delay, retry_max_delay)  # retried for ever: only the delays
         self.delivered = 0  # acknowledged by the broker, this process
         self.refused = 0  # PUBACKs with a failure reason (MQTT v5)
+        self._refused_seqs: set[int] = set()  # rows the broker refused and has not accepted since
         self._events: queue.Queue = queue.Queue()
         self._inflight: dict[int, int] = {}  # mid -> seq, in publish order
         self._cursor = 0  # highest seq handed to paho
@@ -67,6 +68,11 @@ class Delivery:
     @property
     def idle(self) -> bool:
         return len(self.outbox) == 0 and not self._inflight
+
+    @property
+    def refused_rows(self) -> int:
+        """Outbox rows the broker refused (kept, retried) and has not accepted since (heartbeat `outbox_refused`)."""
+        return len(self._refused_seqs)
 
     @property
     def refusing(self) -> bool:
@@ -124,6 +130,7 @@ class Delivery:
             if failure is None:
                 self.outbox.remove(seq)
                 self.delivered += 1
+                self._refused_seqs.discard(seq)
                 if self._refusals:
                     self._refusals = 0
                     log.info("MQTT broker accepts alerts again")
@@ -139,8 +146,9 @@ class Delivery:
     def _refused(self, seq: int, failure: str) -> None:
         self.refused += 1
         self._refusals += 1
+        self._refused_seqs.add(seq)
         self._rewind = True
-        delay = jittered(self._refusals - 1, self.retry_delay, self.retry_max_delay)
+        delay = self.backoff.delay(self._refusals - 1)
         self._paused_until = time.monotonic() + delay
         if self._refusals == 1 or self._refusals % 10 == 0:
             log.error("MQTT broker refused an alert (outbox row %d): %s; it stays in the outbox, retrying in %.0f s "

@@ -26,7 +26,13 @@ def utc_iso(moment: datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """`<root>/<device>/<camera>/alert|clear`, `<root>/<device>/status|heartbeat`."""
+    """Every topic is per camera: `<root>/<device>/<camera>/alert|clear|status|heartbeat`.
+
+    One process serves one camera, and MQTT gives one last will per connection, so
+    status (retained, will `offline`) and heartbeat are per camera too: two cameras on
+    one PC never overwrite each other's state. There is no device-level status topic;
+    the device's view is the retained `<root>/<device>/+/status` (see docs/RELIABILITY.md).
+    """
 
     root: str
     device: str
@@ -41,12 +47,22 @@ class Topics:
         return f"{self.root}/{self.device}/{self.camera}/clear"
 
     @property
+    def verdict(self) -> str:
+        """One verdict per inspected part (per-part mode), QoS 1 through the outbox."""
+        return f"{self.root}/{self.device}/{self.camera}/verdict"
+
+    @property
+    def trigger(self) -> str:
+        """In: inspect the next frame (per-part mode with --trigger mqtt)."""
+        return f"{self.root}/{self.device}/{self.camera}/trigger"
+
+    @property
     def status(self) -> str:
-        return f"{self.root}/{self.device}/status"
+        return f"{self.root}/{self.device}/{self.camera}/status"
 
     @property
     def heartbeat(self) -> str:
-        return f"{self.root}/{self.device}/heartbeat"
+        return f"{self.root}/{self.device}/{self.camera}/heartbeat"
 
     def for_event(self, event: str) -> str:
         return getattr(self, event)
@@ -118,3 +134,32 @@ def status_payload(state: str, *, device: str, camera: str, reason: str = "", mo
 def heartbeat_payload(*, device: str, camera: str, stats: dict) -> dict:
     return {"event": "heartbeat", "schema": SCHEMA, "device": device, "camera": camera, "timestamp": utc_iso(),
             **stats}
+
+
+def verdict_payload(*, event_id: str, device: str, camera: str, part_id: str, verdict: str, utc: datetime,
+                    score: float | None, raw_score: float | None, threshold: dict, regions: list[Region],
+                    regions_total: int, latency_ms: float, model: dict, trigger: str, source: str | None = None,
+                    frame_index: int | None = None, error: str | None = None, snapshot: str | None = None) -> dict:
+    """One part's answer: verdict OK | NOK | ERROR (not inspected: `error` says why); latency from trigger."""
+    return {
+        "event": "verdict",
+        "schema": SCHEMA,
+        "event_id": event_id,
+        "device": device,
+        "camera": camera,
+        "part_id": part_id,
+        "verdict": verdict,
+        "timestamp": utc_iso(utc),
+        "frame_index": frame_index,
+        "score": None if score is None else round(float(score), 6),
+        "raw_score": None if raw_score is None else round(float(raw_score), 6),
+        "threshold": threshold,
+        "regions": [region.to_dict() for region in regions],
+        "regions_total": int(regions_total),
+        "latency_ms": round(float(latency_ms), 2),
+        "trigger": trigger,
+        "model": model,
+        "source": source,
+        "snapshot": snapshot,
+        "error": error,
+    }

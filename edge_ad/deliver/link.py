@@ -6,14 +6,17 @@ with exponential back-off and jitter (a plant full of devices does not hammer a
 broker that just came back all at the same second), re-reads the password before
 every attempt (fixing the password file heals a running service), and gives up
 on a silent connection after a CONNACK timeout; MQTT keepalive detects a network
-cut. The broker refusing us at start-up is a configuration error (exit 2); the
-broker refusing a *re*connection is reported and retried, alerts waiting.
+cut. At start-up, credentials or a protocol the broker rejects are a configuration
+error (exit 2, systemd does not restart); a broker that is unreachable or
+refuses for its own reasons (server unavailable, busy, quota) is retried and
+then exit 1, which systemd restarts. A refused *re*connection is reported and
+retried, alerts waiting. This is the only MQTT connect path (`edge-ad listen`
+uses it too).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import ssl
 import threading
@@ -22,17 +25,22 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_ad.errors import BrokerError, ConfigError
+from edge_ad.backoff import Backoff
+from edge_ad.errors import EXIT_USAGE, BrokerError, ConfigError
 from edge_ad.deliver.mqtt import CONNACK_TIMEOUT, MqttSettings, set_credentials
 
 log = logging.getLogger("edge_ad.mqtt")
-_rng = random.Random()
+
+# CONNACK refusals that are the broker's own state, not our configuration: waiting can cure them.
+# (paho maps MQTT 3.1.1 return codes to these v5 names too: 3 -> "Server unavailable".)
+TEMPORARY_REFUSALS = frozenset({"Server unavailable", "Server busy", "Server shutting down", "Quota exceeded",
+                                "Connection rate exceeded", "Use another server", "Server moved",
+                                "Unspecified error", "Implementation specific error"})
 
 
-def jittered(attempt: int, initial: float, maximum: float) -> float:
-    """Delay before retry `attempt` (0-based): initial * 2^attempt capped at maximum, times a random 0.5..1."""
-    base = min(maximum, initial * (2.0 ** min(attempt, 30)))
-    return base * _rng.uniform(0.5, 1.0)
+def is_temporary_refusal(reason: str) -> bool:
+    """A CONNACK refusal (its reason name) that a retry, or a restart, may cure."""
+    return reason in TEMPORARY_REFUSALS
 
 
 def _network_thread_writes(client, userdata, sock) -> None:
@@ -55,6 +63,7 @@ class Link:
         self._closing = threading.Event()
         self._connack = threading.Event()
         self._refusal: str | None = None
+        self.backoff = Backoff(settings.retries, settings.retry_delay, settings.retry_max_delay)
         self._thread: threading.Thread | None = None
         self.reconnects = 0
         self._last_error: str | None = None
@@ -93,7 +102,8 @@ class Link:
 
     # -- one attempt ---------------------------------------------------------------------
     def _attempt(self, first: bool) -> tuple[str, bool] | None:
-        """Connect once and wait for the CONNACK: None, or (why not, refused by the broker?)."""
+        """Connect once and wait for the CONNACK: None, or (why not, refused for a reason only a change of
+        configuration fixes?)."""
         self._connack.clear()
         self._refusal = None
         self._last_error = None
@@ -121,7 +131,7 @@ class Link:
                 closed = True
                 break
         if self._refusal is not None:
-            return f"refused the connection: {self._refusal}", True
+            return f"refused the connection: {self._refusal}", not is_temporary_refusal(self._refusal)
         if self._connack.is_set():
             return None
         if closed:
@@ -137,8 +147,9 @@ class Link:
     def start(self, stop: threading.Event | None = None) -> None:
         """First connection, with `settings.retries` retries; then the network thread takes over.
 
-        Raises BrokerError: exit code 1 when unreachable, 2 when the broker refuses
-        us (bad credentials, client id, protocol), since retrying cannot fix that.
+        Raises BrokerError: exit code 2 when the broker rejects our configuration (credentials,
+        client id, protocol), since restarting cannot fix that; 1 when it stays unreachable or
+        unavailable through the retries (a restart later may well succeed).
         """
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
@@ -147,12 +158,13 @@ class Link:
                 break
             reason, refused = outcome
             if refused:
-                raise BrokerError(f"MQTT broker at {self.settings.address} {reason}", exit_code=2)
+                raise BrokerError(f"MQTT broker at {self.settings.address} {reason} (fix the credentials, "
+                                  f"client id or --mqtt-version)", exit_code=EXIT_USAGE)
             if attempt == attempts:
                 plural = "attempt" if attempts == 1 else "attempts"
                 raise BrokerError(f"cannot reach MQTT broker at {self.settings.address} ({reason}; "
                                   f"gave up after {attempts} {plural})")
-            delay = jittered(attempt - 1, self.settings.retry_delay, self.settings.retry_max_delay)
+            delay = self.backoff.delay(attempt - 1)
             log.warning("cannot reach MQTT broker at %s (%s); retry %d/%d in %.1f s", self.settings.address, reason,
                         attempt, self.settings.retries, delay)
             if (stop or self._closing).wait(delay):
@@ -174,7 +186,7 @@ class Link:
         failures = 0
         last_reason = ""
         while not self._closing.is_set():
-            delay = jittered(failures, self.settings.retry_delay, self.settings.retry_max_delay)
+            delay = self.backoff.delay(failures)
             if self._closing.wait(delay):
                 return
             outcome = self._attempt(first=False)

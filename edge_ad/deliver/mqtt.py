@@ -1,4 +1,4 @@
-"""Connecting to an MQTT broker (paho-mqtt 2.x): credentials, TLS, retries at start-up.
+"""MQTT client set-up (paho-mqtt 2.x): settings, credentials, TLS. Connecting is `link.Link`'s job.
 
 Shared by the alert sink and `edge-ad listen`. The password is read from a
 file, $EDGE_AD_MQTT_PASSWORD, or a systemd credential ($CREDENTIALS_DIRECTORY/
@@ -13,15 +13,13 @@ import os
 import socket
 import ssl
 import stat
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from edge_ad.ops.config import PASSWORD_ENV
-from edge_ad.errors import BrokerError, ConfigError
+from edge_ad.errors import ConfigError
 
 log = logging.getLogger("edge_ad.mqtt")
 
@@ -45,38 +43,49 @@ class MqttSettings:
     retries: int = 5
     retry_delay: float = 1.0
     retry_max_delay: float = 30.0
-    version: str = "3.1.1"  # "5": the broker says in each PUBACK whether it accepted the message (ACLs)
+    version: str = "5"  # the broker says in each PUBACK whether it accepted the message (ACLs); 3.1.1 cannot
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
 
-def read_password(settings: MqttSettings) -> str | None:
-    """Password from the file (first line), the environment, or a systemd credential; never logged."""
-    if settings.password_file:
-        path = Path(settings.password_file)
+def read_secret(password_file: str | None, *, env: str, credential: str, username: str | None,
+                option: str) -> str | None:
+    """A password from a file (first line), $env, or the systemd credential `credential`; never logged.
+
+    The one mechanism for every connection that needs a password (MQTT, OPC UA); `option` names the
+    file option in messages.
+    """
+    if password_file:
+        path = Path(password_file)
         try:
             mode = path.stat().st_mode
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read --mqtt-password-file {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("password file %s is readable by other users; chmod 600 it", path)
         lines = text.splitlines()
         return lines[0] if lines else ""
-    password = os.environ.get(PASSWORD_ENV)
-    if password is not None and not settings.username:
-        log.warning("$%s is set but no --mqtt-username is given; connecting without credentials", PASSWORD_ENV)
+    password = os.environ.get(env)
+    if password is not None and not username:
+        log.warning("$%s is set but no user name is given; connecting without credentials", env)
         return None
-    if password is None and settings.username and os.environ.get("CREDENTIALS_DIRECTORY"):
-        credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+    if password is None and username and os.environ.get("CREDENTIALS_DIRECTORY"):
+        path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / credential
         try:
-            lines = credential.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
             return lines[0] if lines else ""
         except OSError:
             return None
     return password
+
+
+def read_password(settings: MqttSettings) -> str | None:
+    """The broker password (file, $EDGE_AD_MQTT_PASSWORD or systemd credential mqtt-password)."""
+    return read_secret(settings.password_file, env=PASSWORD_ENV, credential=CREDENTIAL_NAME,
+                       username=settings.username, option="--mqtt-password-file")
 
 
 def set_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
@@ -97,63 +106,15 @@ def make_client(settings: MqttSettings) -> mqtt.Client:
                            cert_reqs=ssl.CERT_REQUIRED)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot set up TLS for MQTT: {exc}") from None
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_queued_messages_set(10000)  # bounded memory while the broker is away
+    client.on_socket_open = _no_delay
     return client
 
 
-def connect(client: mqtt.Client, settings: MqttSettings, stop: threading.Event | None = None) -> None:
-    """Connect and start paho's network thread; retry with back-off, then fail naming host:port.
-
-    Raises BrokerError: exit code 1 when unreachable, 2 when the broker refuses
-    us (bad credentials or client id), since retrying cannot fix that.
-    """
-    connected = threading.Event()
-    outcome: dict = {}
-
-    previous = client.on_connect
-
-    def on_connect(cl, userdata, flags, reason_code, properties):
-        outcome["reason"] = reason_code
-        connected.set()
-        if previous is not None and not reason_code.is_failure:
-            previous(cl, userdata, flags, reason_code, properties)
-
-    client.on_connect = on_connect
-    attempts = settings.retries + 1
-    delay = settings.retry_delay
-    last = "no answer"
+def _no_delay(client, userdata, sock) -> None:
+    """TCP_NODELAY: without it a verdict sent right after the PUBACK of its trigger waits for the broker's
+    delayed ACK (Nagle): +40 ms per part, measured (benchmarks/trigger_latency.py)."""
     try:
-        for attempt in range(1, attempts + 1):
-            try:
-                client.connect(settings.host, settings.port, keepalive=settings.keepalive)
-                client.loop_start()
-                if not connected.wait(CONNACK_TIMEOUT):
-                    client.loop_stop()
-                    last = f"no CONNACK within {CONNACK_TIMEOUT:.0f} s"
-                else:
-                    reason = outcome["reason"]
-                    if reason.is_failure:
-                        client.loop_stop()
-                        client.disconnect()
-                        raise BrokerError(f"MQTT broker at {settings.address} refused the connection: {reason}",
-                                          exit_code=2)
-                    return
-            except ssl.SSLError as exc:
-                last = f"TLS error: {exc.reason or exc}"
-            except socket.gaierror as exc:
-                last = f"unknown host ({exc.strerror or exc})"
-            except (OSError, TimeoutError) as exc:
-                last = exc.strerror or str(exc) or type(exc).__name__
-            if attempt < attempts:
-                log.warning("cannot reach MQTT broker at %s (%s); retry %d/%d in %.1f s",
-                            settings.address, last, attempt, settings.retries, delay)
-                if stop is not None and stop.wait(delay):
-                    break
-                if stop is None:
-                    time.sleep(delay)
-                delay = min(delay * 2.0, 30.0)
-    finally:
-        client.on_connect = previous
-    plural = "attempt" if attempts == 1 else "attempts"
-    raise BrokerError(f"cannot reach MQTT broker at {settings.address} ({last}; gave up after {attempts} {plural})")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a websocket wrapper)
+        pass

@@ -7,6 +7,9 @@ network cut or a crash of edge-ad loses none of them (see `outbox.py`,
 retained on every (re)connect, the broker publishes the last will `offline` if
 the process dies, and a clean shutdown publishes `offline` itself. Heartbeats
 are QoS 0 and only sent while connected: a stale heartbeat is worthless.
+An alert the outbox cannot store (disk full, I/O error) is still published from
+memory, without a delivery guarantee, and publish() raises OutboxError so that
+`Sinks` counts it (`alerts_unstored` in heartbeats): never a silent loss.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from edge_ad.deliver.delivery import Delivery
 from edge_ad.deliver.events import Topics, status_payload
 from edge_ad.deliver.link import Link
 from edge_ad.deliver.mqtt import MqttSettings, make_client
-from edge_ad.deliver.outbox import Outbox
+from edge_ad.deliver.outbox import Outbox, OutboxError
 from edge_ad.deliver.sinks import Sink
 
 log = logging.getLogger("edge_ad.mqtt")
 
-DURABLE = ("alert", "clear")  # through the outbox
+DURABLE = ("alert", "clear", "verdict")  # through the outbox
 FLUSH_TIMEOUT = 10.0
 
 
@@ -56,7 +59,13 @@ class MqttSink(Sink):
                                  retry_delay=settings.retry_delay, retry_max_delay=max(settings.retry_max_delay, 60.0))
         self.client.on_publish = self._on_publish
         self._ever_connected = False
+        self._subscriptions: dict[str, Callable[[bytes], None]] = {}  # topic -> handler(payload)
+        self.client.on_message = self._on_message
         self.link = Link(self.client, settings, on_up=self._on_up, on_down=self._on_down)
+        if settings.version != "5":
+            log.warning("MQTT %s: a broker that denies a publish (ACL) still acknowledges it, so refused alerts "
+                        "cannot be detected and leave the outbox as if delivered; use --mqtt-version 5 (the default)",
+                        settings.version)
         waiting = len(outbox)
         if waiting:
             log.warning("outbox %s holds %d undelivered alert(s) from an earlier run; they are sent first",
@@ -76,7 +85,24 @@ class MqttSink(Sink):
             self._publish_status(status)  # the broker may have published our will meanwhile
             self.on_health(None)
         self._ever_connected = True
+        for topic in list(self._subscriptions):  # clean session: subscriptions end with each connection
+            self.client.subscribe(topic, qos=1)
         self.delivery.up()
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Deliver messages on `topic` to handler(payload) (network thread), now and after every reconnect."""
+        self._subscriptions[topic] = handler
+        if self.link.connected:
+            self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, client, userdata, message) -> None:
+        handler = self._subscriptions.get(message.topic)
+        if handler is None:
+            return
+        try:
+            handler(message.payload)
+        except Exception as exc:  # noqa: BLE001  a bad message must never stop the network thread
+            log.error("message on %s: %s: %s", message.topic, type(exc).__name__, exc)
 
     def _on_down(self, reason: str) -> None:
         self.delivery.down()
@@ -102,11 +128,10 @@ class MqttSink(Sink):
             text = _dumps(payload)
             try:
                 self.outbox.add(self.topics.for_event(event), text, str(payload.get("event_id", "")))
-            except Exception as exc:  # disk full, I/O error: still try to deliver, from memory
-                log.error("cannot store %s %s in the outbox %s (%s); publishing without it", event,
-                          payload.get("event_id"), self.outbox.path, exc)
+            except Exception as exc:  # disk full, I/O error: still try to deliver, from memory, and say so
                 self.client.publish(self.topics.for_event(event), text, qos=1)
-                return
+                raise OutboxError(f"{event} {payload.get('event_id')} NOT stored ({exc}); published from memory "
+                                  f"without a delivery guarantee") from None
             self.delivery.wake()
         elif event == "status":
             with self._lock:
@@ -119,7 +144,7 @@ class MqttSink(Sink):
     def health(self) -> dict:
         """Heartbeat fields: what waits in the outbox and what was dropped from it."""
         return {"outbox_pending": len(self.outbox), "outbox_dropped": self.outbox.dropped,
-                "broker_connected": self.link.connected}
+                "outbox_refused": self.delivery.refused_rows, "broker_connected": self.link.connected}
 
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Wait (up to `timeout`) until the broker acknowledged every alert and the last status; disconnect."""

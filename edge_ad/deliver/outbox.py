@@ -7,6 +7,12 @@ sent at the next connection or start, in order, with its original event id and
 timestamp (at-least-once: consumers drop duplicates by event id). The table is
 bounded: when full, the OLDEST rows are dropped, and that is counted, logged and
 reported in heartbeats, never silent. One process owns an outbox at a time.
+
+Only a file SQLite itself calls damaged (not a database, malformed) is moved
+aside. A locked, full, read-only or failing store is a healthy outbox that
+cannot be used right now: it is left exactly as it is, with an OutboxError
+saying what to do (exit 1 when time can cure it, 2 when its permissions or
+location must be fixed).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_ad.errors import UsageError
+from edge_ad.errors import EXIT_RUNTIME, EXIT_USAGE, EdgeAdError, UsageError
 
 try:
     import fcntl
@@ -30,6 +36,51 @@ log = logging.getLogger("edge_ad.outbox")
 
 SCHEMA = 1
 DEFAULT_MAX = 10000
+BUSY_TIMEOUT = 10.0  # seconds SQLite waits for another program's lock before giving up
+
+# Primary SQLite result codes (https://sqlite.org/rescode.html).
+_CORRUPT = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
+_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN, _PERM = 5, 6, 8, 10, 13, 14, 3
+
+
+class OutboxError(EdgeAdError):
+    """The outbox cannot be used now; its file and the alerts in it are kept as they are."""
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF
+    text = str(exc).lower()  # Python 3.10: SQLite's own messages
+    for needle, primary in (("not a database", 26), ("malformed", 11), ("locked", _BUSY), ("is full", _FULL),
+                            ("readonly", _READONLY), ("unable to open", _CANTOPEN), ("disk i/o", _IOERR)):
+        if needle in text:
+            return primary
+    return None
+
+
+def is_corrupt(exc: sqlite3.Error) -> bool:
+    """Real damage (SQLITE_CORRUPT, SQLITE_NOTADB): the only reason to move an outbox aside."""
+    return _primary_code(exc) in _CORRUPT
+
+
+def unusable(path: Path, exc: sqlite3.Error, doing: str) -> OutboxError:
+    """An OutboxError for a healthy store that SQLite cannot use now, saying what to do."""
+    code = _primary_code(exc)
+    if code in (_BUSY, _LOCKED):
+        hint = ("another program holds a lock on it (an sqlite3 shell, a backup?); close it, the alerts in it "
+                "are kept", EXIT_RUNTIME)
+    elif code == _FULL:
+        hint = ("the disk is full; free space (old snapshots, JSON-lines files) or raise the disk quota; the "
+                "alerts in it are kept", EXIT_RUNTIME)
+    elif code in (_READONLY, _CANTOPEN, _PERM):
+        hint = (f"edge-ad cannot write it or its folder {path.parent} (permissions, a read-only mount); fix "
+                f"them or choose another --outbox; the alerts in it are kept", EXIT_USAGE)
+    elif code == _IOERR:
+        hint = "the disk reports I/O errors; check it (dmesg); the alerts in it are kept", EXIT_RUNTIME
+    else:
+        hint = "the alerts in it are kept", EXIT_RUNTIME
+    return OutboxError(f"cannot {doing} the outbox {path}: {exc}: {hint[0]}", exit_code=hint[1])
 
 
 @dataclass(frozen=True)
@@ -59,11 +110,12 @@ def default_path(device: str, camera: str) -> Path:
 class Outbox:
     """A bounded FIFO of events on disk. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, path: str | Path, max_rows: int = DEFAULT_MAX):
+    def __init__(self, path: str | Path, max_rows: int = DEFAULT_MAX, busy_timeout: float = BUSY_TIMEOUT):
         if max_rows < 1:
             raise UsageError(f"--outbox-max must be >= 1, got {max_rows}")
         self.path = Path(path)
         self.max_rows = int(max_rows)
+        self.busy_timeout = float(busy_timeout)
         self.dropped = 0  # dropped by this process (heartbeat `outbox_dropped`)
         self._lock = threading.Lock()
         try:
@@ -73,11 +125,11 @@ class Outbox:
                              f"(set --outbox PATH)") from None
         self._lockfile = self._take_lock()
         try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:
-            self._quarantine(exc)
-            self._db = self._open()
-        self._pending = self._count()
+            self._db = self._open_or_quarantine()
+            self._pending = self._count()
+        except BaseException:
+            self._lockfile.close()
+            raise
 
     # -- opening -------------------------------------------------------------------------
     def _take_lock(self):
@@ -96,12 +148,22 @@ class Outbox:
                                  f"its own --outbox (or its own --device-id/--camera-id)") from None
         return handle
 
+    def _open_or_quarantine(self) -> sqlite3.Connection:
+        try:
+            return self._open()
+        except sqlite3.Error as exc:
+            if not is_corrupt(exc):
+                raise unusable(self.path, exc, "open") from None
+            self._quarantine(exc)
+        try:
+            return self._open()
+        except sqlite3.Error as exc:
+            raise unusable(self.path, exc, "create") from None
+
     def _open(self) -> sqlite3.Connection:
         fresh = not self.path.exists()
-        try:
-            db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None, check_same_thread=False)
-        except sqlite3.OperationalError as exc:
-            raise UsageError(f"cannot open the outbox {self.path}: {exc}") from None
+        db = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
+                             check_same_thread=False)
         if fresh:
             try:
                 os.chmod(self.path, 0o600)  # payloads name cameras and snapshot paths: not for other users
@@ -117,10 +179,9 @@ class Outbox:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                        "event_id TEXT NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL)")
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
             db.execute(f"PRAGMA user_version={SCHEMA}")
             db.execute("SELECT count(*) FROM outbox").fetchone()  # reads a page: a corrupt file fails here
-        except sqlite3.DatabaseError:
+        except BaseException:
             db.close()
             raise
         return db
@@ -129,10 +190,15 @@ class Outbox:
         """A damaged file must not stop inspection: move it aside (loudly) and start an empty outbox."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(str(self.path) + suffix)
-            if source.exists():
-                os.replace(source, Path(str(moved) + suffix))
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(str(self.path) + suffix)
+                if source.exists():
+                    os.replace(source, Path(str(moved) + suffix))
+        except OSError as err:
+            raise OutboxError(f"outbox {self.path} is damaged ({exc}) and cannot be moved aside "
+                              f"({err.strerror or err}); move it away by hand or choose another --outbox",
+                              exit_code=EXIT_USAGE) from None
         log.error("outbox %s is not a usable SQLite database (%s); moved it to %s and started an empty one: "
                   "alerts stored in it cannot be delivered", self.path, exc, moved)
 
@@ -143,15 +209,18 @@ class Outbox:
     def __len__(self) -> int:
         return self._pending
 
-    @property
-    def dropped_total(self) -> int:
-        """Dropped over the life of this file, across restarts."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
-        return int(row[0]) if row else 0
-
     def add(self, topic: str, payload: str, event_id: str) -> int:
-        """Store one event durably (fsync) before anyone publishes it; returns its sequence number."""
+        """Store one event durably (fsync) before anyone publishes it; returns its sequence number.
+
+        OutboxError when SQLite cannot (disk full, locked, I/O): nothing was stored, nothing was lost
+        from what the outbox already holds.
+        """
+        try:
+            return self._add(topic, payload, event_id)
+        except sqlite3.Error as exc:
+            raise unusable(self.path, exc, "store an event in") from None
+
+    def _add(self, topic: str, payload: str, event_id: str) -> int:
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
@@ -162,13 +231,12 @@ class Outbox:
                     rows = self._db.execute("SELECT seq, event_id FROM outbox ORDER BY seq LIMIT ?", (excess,)).fetchall()
                     dropped_ids = [event_id for _, event_id in rows]
                     self._db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
-                    self._db.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) "
-                                     "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
                 cursor = self._db.execute("INSERT INTO outbox (event_id, topic, payload, created) VALUES (?, ?, ?, ?)",
                                           (event_id, topic, payload, time.time()))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._pending += 1 - len(dropped_ids)
             self.dropped += len(dropped_ids)

@@ -279,16 +279,6 @@ class Detector:
         with self._lock:
             self.dropped += 1
 
-    def submit(self, frame: Frame, block: bool) -> bool:
-        """Prepare and start a frame; without `block`, drop it when every request is busy."""
-        if not block and not self.queue.is_ready():
-            self.drop()
-            return False
-        tensor = self.try_prepare(frame)
-        if tensor is None:
-            return False
-        return self.start(frame, tensor)
-
     def start(self, frame: Frame, tensor: np.ndarray) -> bool:
         """Start inference on a prepared input; blocks while every request is busy.
 

@@ -121,11 +121,6 @@ def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(chw)
 
 
-def preprocess_batch(frames: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Frames -> float32 NCHW batch."""
-    return np.stack([preprocess(frame, spec) for frame in frames])
-
-
 def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Ground-truth mask (any size, nonzero = defect) -> uint8 {0,1} HxW at model size."""
     if mask.ndim == 3:

@@ -1,7 +1,8 @@
 """Command line: `edge-ad [run] ...`, `edge-ad bench ...`, `edge-ad listen ...`.
 
-Every expected failure is one line on stderr and an exit code (2: bad input,
-1: runtime failure), never a traceback; `--log-level debug` shows tracebacks.
+Every expected failure is one line on stderr and an exit code (2: bad
+configuration, 1: a runtime failure a restart may cure), never a traceback;
+`--log-level debug` shows tracebacks.
 Run options default to "not given" so that a config file fills what the
 command line leaves out (defaults < config file < command line).
 """
@@ -22,7 +23,7 @@ from edge_ad.ops.statusline import setup_logging
 
 log = logging.getLogger("edge_ad")
 
-COMMANDS = ("run", "bench", "listen")
+COMMANDS = ("run", "bench", "listen", "teach")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,15 @@ class _RefusePassword(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         raise UsageError(f"passwords are not accepted on the command line (they leak into shell history and ps); "
                          f"set ${PASSWORD_ENV} or use --mqtt-password-file")
+
+
+def _no_url_password(text: str) -> str:
+    """--video: a stream URL with a password in it would leak like --mqtt-password (see ops/credentials.py)."""
+    from edge_ad.ops.credentials import URL_PASSWORD_REFUSED, url_has_password
+
+    if url_has_password(text):
+        raise argparse.ArgumentTypeError(URL_PASSWORD_REFUSED)
+    return text
 
 
 def _add_mqtt_connection(group, suppress: bool = True) -> None:
@@ -80,25 +90,31 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
             "commands:\n"
             "  edge-ad [run] ...      detect (this help); `run` may be omitted\n"
             "  edge-ad bench ...      measure latency and throughput of a bundle\n"
-            "  edge-ad listen ...     print alerts arriving on a broker\n\n"
+            "  edge-ad listen ...     print alerts arriving on a broker\n"
+            "  edge-ad teach ...      teach-in: new thresholds from normal frames of the line\n\n"
             "examples:\n"
             "  edge-ad --camera 0 --model bundles/stfpm-int8 --mqtt-host broker.local\n"
             "  edge-ad --video line3.mp4 --realtime --model bundle --jsonl alerts.jsonl\n"
             "  edge-ad --config /etc/edge-ad.toml --camera 1\n\n"
             f"The MQTT password comes from ${PASSWORD_ENV} or --mqtt-password-file, never the command line.\n"
-            "Exit codes: 0 done, 1 runtime failure (broker unreachable, camera lost), 2 bad input."
+            "Exit codes: 0 done; 1 runtime failure that a restart may cure (camera or broker not there yet,\n"
+            "outbox locked or disk full); 2 bad configuration (options, config file, bundle, credentials)."
         ),
     )
     src = parser.add_argument_group("frame source (exactly one)")
     src.add_argument("--camera", type=int, metavar="N", help="OpenCV camera index")
-    src.add_argument("--video", metavar="PATH_OR_URL", help="video file, or RTSP/HTTP stream URL")
+    src.add_argument("--video", metavar="PATH_OR_URL", type=_no_url_password,
+                     help="video file, or RTSP/HTTP stream URL (rtsp://USER@host/...: no password here)")
+    src.add_argument("--video-password-file", metavar="FILE",
+                     help="file whose first line is the stream password (or set $EDGE_AD_VIDEO_PASSWORD)")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="folder or glob of still images")
     src.add_argument("--realtime", action=argparse.BooleanOptionalAction,
                      help="play video files at their frame rate, dropping frames the model cannot keep up with "
                           "(default: as fast as possible, every frame)")
     src.add_argument("--source-retries", type=int, metavar="N",
                      help="reconnection attempts for a camera/stream before giving up" + _d("source_retries"))
-    src.add_argument("--retry-delay", type=float, metavar="S", help="first reconnection delay, doubling" + _d("retry_delay"))
+    src.add_argument("--retry-delay", type=float, metavar="S",
+                     help="first reconnection delay, doubling, with jitter" + _d("retry_delay"))
     src.add_argument("--retry-max-delay", type=float, metavar="S", help="longest reconnection delay" + _d("retry_max_delay"))
     src.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
 
@@ -109,6 +125,8 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
     model.add_argument("--requests", type=int, metavar="N",
                        help="inference requests in flight (default: OpenVINO's optimum for the mode)")
     model.add_argument("--inference-precision", choices=PRECISIONS, help=PRECISION_HELP)
+    model.add_argument("--bundle-public-key", metavar="PEM",
+                       help="ed25519 public key: refuse bundles that are not signed with it (python -m deploy.keys)")
 
     dec = parser.add_argument_group("decision")
     dec.add_argument("--image-threshold", type=float, metavar="T",
@@ -131,6 +149,30 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
     pol.add_argument("--clear-after", type=int, metavar="K",
                      help="consecutive normal frames that end an alert (all clear; default: M)")
 
+    part = parser.add_argument_group("per-part inspection (one verdict per part, instead of the alert policy)")
+    part.add_argument("--per-part", action=argparse.BooleanOptionalAction,
+                      help="publish one verdict (OK/NOK) per inspected image on <root>/<device>/<camera>/verdict; "
+                           "NOK verdicts also as alerts; no N-of-M, no cool-down (implied by --watch and --trigger)")
+    part.add_argument("--watch", action=argparse.BooleanOptionalAction,
+                      help="with --images DIR: inspect new files as they appear, once each, when complete; "
+                           "remembered across restarts")
+    part.add_argument("--watch-poll", type=float, metavar="S", help="seconds between folder scans" + _d("watch_poll"))
+    part.add_argument("--watch-settle", type=float, metavar="S",
+                      help="seconds a file without a complete PNG/JPEG trailer must stay unchanged"
+                           + _d("watch_settle"))
+    part.add_argument("--watch-state", metavar="PATH",
+                      help="ledger of inspected files (default: beside the outbox, watch-<device>-<camera>.done)")
+    part.add_argument("--trigger", choices=("mqtt", "stdin"),
+                      help="inspect one frame per trigger: a message on <root>/<device>/<camera>/trigger "
+                           "(payload: part id, optional), or a line on stdin")
+    part.add_argument("--trigger-queue", type=int, metavar="N",
+                      help="triggers waiting for the model; more are answered ERROR (dropped)" + _d("trigger_queue"))
+    part.add_argument("--drift-bound", type=float, metavar="F",
+                      help="status degraded when recent normal scores moved this fraction of the validation "
+                           "margin to the threshold; 0 = off" + _d("drift_bound"))
+    part.add_argument("--drift-window", type=int, metavar="N",
+                      help="recent normal frames the drift watch compares" + _d("drift_window"))
+
     out = parser.add_argument_group("identity and outputs")
     out.add_argument("--device-id", metavar="NAME", help="device name in topics and payloads (default: host name)")
     out.add_argument("--camera-id", metavar="NAME", help="camera name (default: from the source, e.g. cam0)")
@@ -140,6 +182,16 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
                      help="append events as JSON lines to PATH ('-' = stdout; the default without --mqtt-host)")
     out.add_argument("--snapshots", metavar="DIR", help="write a heatmap-overlay JPEG per alert into DIR")
     out.add_argument("--snapshot-quality", type=int, metavar="Q", help="JPEG quality 1-100" + _d("snapshot_quality"))
+    out.add_argument("--snapshot-max-files", type=int, metavar="N",
+                     help="keep at most N snapshots, deleting the oldest; 0 = no limit" + _d("snapshot_max_files"))
+    out.add_argument("--snapshot-max-mb", type=float, metavar="MB",
+                     help="keep at most MB of snapshots, deleting the oldest; 0 = no limit" + _d("snapshot_max_mb"))
+    out.add_argument("--disk-reserve-mb", type=float, metavar="MB",
+                     help="write no snapshot while less than MB is free on its disk (room for the outbox)"
+                          + _d("disk_reserve_mb"))
+    out.add_argument("--jsonl-max-mb", type=float, metavar="MB",
+                     help="rotate the --jsonl file at MB (PATH.1, PATH.2, ...); 0 = never" + _d("jsonl_max_mb"))
+    out.add_argument("--jsonl-backups", type=int, metavar="N", help="rotated --jsonl files kept" + _d("jsonl_backups"))
     out.add_argument("--outbox", metavar="PATH",
                      help="SQLite file where alerts wait for the broker's acknowledgement (default: "
                           "$STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite)")
@@ -147,6 +199,17 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
                      help="most alerts kept while the broker is away; then the oldest are dropped" + _d("outbox_max"))
 
     _add_mqtt_connection(parser.add_argument_group("MQTT broker"))
+    opc = parser.add_argument_group("OPC UA (pip install \"edge-ad[opcua]\")")
+    opc.add_argument("--opcua-url", metavar="URL",
+                     help="also write the latest verdict/alert, its score, part id, time and counters into "
+                          "this server's variables (opc.tcp://HOST:PORT)")
+    opc.add_argument("--opcua-namespace", metavar="NS",
+                     help="namespace URI (or index) of those variables" + _d("opcua_namespace"))
+    opc.add_argument("--opcua-node-prefix", metavar="PREFIX",
+                     help="string node ids are PREFIX + state, score, part_id, ..." + _d("opcua_node_prefix"))
+    opc.add_argument("--opcua-username", metavar="USER", help="user name")
+    opc.add_argument("--opcua-password-file", metavar="FILE",
+                     help="file whose first line is the password (or set $EDGE_AD_OPCUA_PASSWORD)")
 
     gen = parser.add_argument_group("general")
     gen.add_argument("--config", metavar="FILE", help="YAML or TOML file with any of these options (command line wins)")
@@ -183,7 +246,7 @@ def listen_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera", default="+", metavar="NAME", help="camera name, '+' = all (default: +)")
     parser.add_argument("--topic-root", default=None, metavar="ROOT", help="topic root (default: edge-ad)")
     parser.add_argument("--events", default="alert", metavar="LIST",
-                        help="comma list of alert,clear,status,heartbeat, or 'all' (default: alert)")
+                        help="comma list of alert,clear,verdict,status,heartbeat, or 'all' (default: alert)")
     parser.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     parser.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds (exit 1 if --count not reached)")
     parser.add_argument("--json", action="store_true", help="print raw JSON lines (with their topic)")
@@ -195,6 +258,57 @@ def listen_parser() -> argparse.ArgumentParser:
                        mqtt_keepalive=None, mqtt_retries=None, mqtt_retry_delay=None, mqtt_retry_max_delay=None,
                        mqtt_version=None)
     return parser
+
+
+def teach_parser() -> argparse.ArgumentParser:
+    from edge_ad.ops.teach import DEFAULT_FRAMES, MIN_FRAMES
+
+    parser = _Parser(prog="edge-ad teach", allow_abbrev=False,
+                     description="Teach-in on site: run the bundle over frames of normal parts and write new "
+                                 "thresholds and normalization into bundle.json (the previous one is kept as "
+                                 "bundle.json.vN; --revert restores it). Needs no torch.")
+    parser.add_argument("--model", "-m", required=True, metavar="BUNDLE", help="bundle folder")
+    src = parser.add_argument_group("frame source of normal parts (exactly one; not with --revert)")
+    src.add_argument("--camera", type=int, metavar="N", help="OpenCV camera index")
+    src.add_argument("--video", metavar="PATH_OR_URL", type=_no_url_password,
+                     help="video file, or RTSP/HTTP stream URL (rtsp://USER@host/...; password: $EDGE_AD_VIDEO_PASSWORD)")
+    src.add_argument("--images", metavar="DIR_OR_GLOB", help="folder or glob of still images")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N",
+                        help="frames to collect (default: %(default)s)")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="use every K-th frame (a camera's consecutive frames often show the same part; "
+                             "default: %(default)s)")
+    parser.add_argument("--min-frames", type=int, default=MIN_FRAMES, metavar="N",
+                        help="refuse fewer usable frames than this (default: %(default)s)")
+    parser.add_argument("--target-fpr", type=float, default=0.01, metavar="P",
+                        help="false-positive rate on normal parts the image threshold aims at (default: %(default)s)")
+    parser.add_argument("--pixel-fpr", type=float, default=0.001, metavar="P",
+                        help="pixel false-positive rate for defect regions (default: %(default)s)")
+    parser.add_argument("--device", default="CPU", metavar="DEV", help="OpenVINO device (default: CPU)")
+    parser.add_argument("--inference-precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    parser.add_argument("--dry-run", action="store_true", help="report the new thresholds, change nothing")
+    parser.add_argument("--revert", action="store_true", help="restore the previous bundle.json (undo one teach-in)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return parser
+
+
+def cmd_teach(argv: list[str]) -> int:
+    from edge_ad.ops.teach import TeachConfig, TeachError, revert, teach
+
+    args = teach_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.revert:
+        if any(v is not None for v in (args.camera, args.video, args.images)):
+            raise TeachError("--revert takes no frame source")
+        print(f"restored {revert(args.model)}")
+        return 0
+    config = TeachConfig(model=args.model, camera=args.camera, video=args.video, images=args.images,
+                         frames=args.frames, min_frames=args.min_frames, every=args.every, target_fpr=args.target_fpr,
+                         pixel_fpr=args.pixel_fpr, device=args.device, inference_precision=args.inference_precision,
+                         dry_run=args.dry_run)
+    report = teach(config)
+    print("\n".join(report.lines()))
+    return 0
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -268,6 +382,9 @@ def cmd_listen(argv: list[str]) -> int:
         retries=merged.mqtt_retries, retry_delay=merged.mqtt_retry_delay,
         retry_max_delay=merged.mqtt_retry_max_delay, version=merged.mqtt_version,
     )
+    from edge_ad.ops.credentials import warn_cleartext
+
+    warn_cleartext(settings)
     try:
         listen(settings, root=merged.topic_root, device=args.device, camera=args.camera, events=events,
                count=args.count, timeout=args.timeout, as_json=args.json)
@@ -281,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     setup_logging("info")
-    handlers = {"run": cmd_run, "bench": cmd_bench, "listen": cmd_listen}
+    handlers = {"run": cmd_run, "bench": cmd_bench, "listen": cmd_listen, "teach": cmd_teach}
     try:
         return handlers[command](argv)
     except EdgeAdError as exc:

@@ -18,11 +18,13 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 from edge_ad.errors import ConfigError
 from edge_ad.decide.policy import Cooldown
 
 PASSWORD_ENV = "EDGE_AD_MQTT_PASSWORD"
+VIDEO_PASSWORD_ENV = "EDGE_AD_VIDEO_PASSWORD"
 MODES = ("latency", "throughput")
 PRECISIONS = ("auto", "f32", "bf16", "f16")  # OpenVINO INFERENCE_PRECISION_HINT; auto = the device's choice
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -37,6 +39,7 @@ class RunConfig:
     # frame source (exactly one of camera / video / images)
     camera: int | None = None
     video: str | None = None
+    video_password_file: str | None = None  # stream password (or $EDGE_AD_VIDEO_PASSWORD); the URL names the user
     images: str | None = None
     realtime: bool = False
     source_retries: int = 10
@@ -49,6 +52,7 @@ class RunConfig:
     mode: str = "latency"
     requests: int = 0  # 0 = OpenVINO's optimal number of in-flight requests
     inference_precision: str | None = None  # None: f32 on CPU (scores match the bundle's FP32 metrics); else auto
+    bundle_public_key: str | None = None  # ed25519 public key (PEM): refuse bundles not signed with it
     image_threshold: float = 0.5  # normalized; 0.5 = the bundle's raw threshold
     pixel_threshold: float = 0.5
     min_area: int = 1
@@ -59,6 +63,17 @@ class RunConfig:
     alert_m: int = 5
     cooldown: str = "10s"
     clear_after: int | None = None  # consecutive normal frames; default alert_m
+    # per-part inspection (edge_ad.decide.part_policy): one verdict per part instead of the alert policy
+    per_part: bool = False  # implied by watch and trigger
+    watch: bool = False  # --images DIR: inspect new files as they appear, each once (also across restarts)
+    watch_poll: float = 0.05  # seconds between folder scans
+    watch_settle: float = 0.5  # seconds a file without a complete PNG/JPEG trailer must stay unchanged
+    watch_state: str | None = None  # ledger of inspected files; default beside the outbox
+    trigger: str | None = None  # "mqtt" | "stdin": one frame per trigger
+    trigger_queue: int = 4  # triggers waiting for the model; more are answered ERROR (dropped)
+    # drift watch (edge_ad.decide.drift): recent normal scores vs the bundle's validation figures
+    drift_bound: float = 0.5  # fraction of the validation margin to the threshold; 0 = off
+    drift_window: int = 500  # recent normal frames compared
     # identity and outputs
     device_id: str | None = None  # default: host name
     camera_id: str | None = None  # default: derived from the source
@@ -67,6 +82,12 @@ class RunConfig:
     jsonl: str | None = None  # path, or "-" for stdout
     snapshots: str | None = None
     snapshot_quality: int = 90
+    # disk bounds: a full disk would stop the outbox, which holds the alerts themselves (0 = no limit)
+    snapshot_max_files: int = 1000  # oldest snapshots deleted beyond this count
+    snapshot_max_mb: float = 1000.0  # ... or beyond this total size
+    disk_reserve_mb: float = 256.0  # no snapshot is written while less than this is free on its disk
+    jsonl_max_mb: float = 100.0  # a JSON-lines file is rotated at this size (PATH.1, PATH.2, ...)
+    jsonl_backups: int = 5  # rotated JSON-lines files kept
     # MQTT broker
     mqtt_host: str | None = None
     mqtt_port: int | None = None  # default 1883, or 8883 with TLS
@@ -81,7 +102,13 @@ class RunConfig:
     mqtt_retries: int = 5
     mqtt_retry_delay: float = 1.0
     mqtt_retry_max_delay: float = 30.0
-    mqtt_version: str = "3.1.1"  # "5": PUBACK reason codes show publishes refused by the broker (ACL)
+    mqtt_version: str = "5"  # PUBACK reason codes show publishes refused by the broker (ACL); 3.1.1 cannot
+    # OPC UA (optional extra): the latest verdict/alert written into the server's variables (deliver/opcua_sink.py)
+    opcua_url: str | None = None  # opc.tcp://host:4840
+    opcua_namespace: str = "urn:edge-ad"  # namespace URI of the variables, or its index
+    opcua_node_prefix: str = "edge-ad."  # string node ids <prefix>state, <prefix>score, ...
+    opcua_username: str | None = None
+    opcua_password_file: str | None = None  # or $EDGE_AD_OPCUA_PASSWORD
     # outbox: alerts wait here (SQLite) until the broker acknowledges them
     outbox: str | None = None  # default: $STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite
     outbox_max: int = 10000  # rows; when full the oldest are dropped (logged, counted in heartbeats)
@@ -91,6 +118,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def part_mode(self) -> bool:
+        """Per-part inspection: asked for, or implied by a watched folder or a trigger."""
+        return self.per_part or self.watch or self.trigger is not None
 
     @property
     def cooldown_value(self) -> Cooldown:
@@ -108,13 +140,17 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
-PATH_FIELDS = ("model", "video", "images", "roi_mask", "snapshots", "jsonl", "mqtt_password_file", "mqtt_ca",
-               "mqtt_cert", "mqtt_key", "outbox")
+PATH_FIELDS = ("model", "video", "images", "roi_mask", "bundle_public_key", "video_password_file",
+               "snapshots", "jsonl", "mqtt_password_file", "opcua_password_file", "mqtt_ca",
+               "mqtt_cert", "mqtt_key", "outbox", "watch_state")
+TRIGGERS = ("mqtt", "stdin")
 # Upper bounds: beyond these a value is a typo, and would fail late (or exhaust memory) instead of now.
 LIMITS = {"requests": 64, "alert_m": 100000, "clear_after": 100000, "mqtt_keepalive": 65535, "heartbeat": 86400.0,
           "retry_delay": 3600.0, "retry_max_delay": 86400.0, "mqtt_retry_delay": 3600.0,
           "mqtt_retry_max_delay": 86400.0, "status_interval": 86400.0, "outbox_max": 10_000_000,
-          "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6, "max_regions": 1000}
+          "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6, "max_regions": 1000,
+          "snapshot_max_files": 10**9, "snapshot_max_mb": 10**8, "disk_reserve_mb": 10**8, "jsonl_max_mb": 10**8,
+          "jsonl_backups": 1000}
 _HINTS = get_type_hints(RunConfig)
 
 
@@ -171,6 +207,9 @@ def _check_keys(flat: dict, origin: str) -> None:
             f"{origin}: 'mqtt_password' is not accepted in a config file; "
             f"set ${PASSWORD_ENV} or mqtt_password_file instead"
         )
+    if "opcua_password" in flat:
+        raise ConfigError(f"{origin}: 'opcua_password' is not accepted in a config file; "
+                          "set $EDGE_AD_OPCUA_PASSWORD or opcua_password_file instead")
     for key in flat:
         if key not in FIELD_NAMES:
             close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
@@ -269,6 +308,16 @@ def _positive(config: RunConfig, name: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def stream_user(url: str | None) -> str | None:
+    """The user name in a stream URL (rtsp://USER@host/...), or None."""
+    if not url or "://" not in url:
+        return None
+    try:
+        return urlsplit(url).username
+    except ValueError:
+        return None
+
+
 def validate(config: RunConfig) -> None:
     """Semantic checks that do not touch the network, the camera or the model."""
     sources = [name for name in ("camera", "video", "images") if getattr(config, name) is not None]
@@ -294,8 +343,10 @@ def validate(config: RunConfig) -> None:
     for name in ("alert_n", "alert_m", "heartbeat", "min_area", "max_regions", "retry_delay", "retry_max_delay",
                  "max_frames", "clear_after", "status_interval", "mqtt_keepalive", "mqtt_retry_delay", "snapshot_quality"):
         _positive(config, name)
-    for name in ("source_retries", "mqtt_retries", "requests"):
+    for name in ("source_retries", "mqtt_retries", "requests", "snapshot_max_files", "snapshot_max_mb",
+                 "disk_reserve_mb", "jsonl_max_mb"):
         _positive(config, name, allow_zero=True)
+    _positive(config, "jsonl_backups")
     _positive(config, "mqtt_retry_max_delay")
     _positive(config, "outbox_max")
     for name in LIMITS:
@@ -322,7 +373,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value!r} must not be empty or contain '/', '+', '#' or spaces")
     if config.mqtt_port is not None and not 0 < config.mqtt_port < 65536:
         raise ConfigError(f"--mqtt-port must be 1..65535, got {config.mqtt_port}")
-    for name in ("mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "roi_mask"):
+    for name in ("mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "roi_mask", "bundle_public_key",
+                 "video_password_file"):
         value = getattr(config, name)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"--{name.replace('_', '-')} file not found: {value}")
@@ -331,5 +383,45 @@ def validate(config: RunConfig) -> None:
     mqtt_only = ("mqtt_username", "mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "outbox")
     if config.mqtt_host is None and (config.mqtt_tls or any(getattr(config, n) for n in mqtt_only)):
         raise ConfigError("MQTT options given without --mqtt-host")
+    _validate_parts(config)
     if config.mqtt_password_file and not config.mqtt_username:
         raise ConfigError("--mqtt-password-file needs --mqtt-username")
+    if config.opcua_url is None and (config.opcua_username or config.opcua_password_file):
+        raise ConfigError("OPC UA options given without --opcua-url")
+    if config.opcua_url is not None and not re.match(r"^opc\.tcp://[^\s/]+", config.opcua_url):
+        raise ConfigError(f"--opcua-url must look like opc.tcp://HOST:PORT, got {config.opcua_url!r}")
+    for name in ("opcua_url", "opcua_namespace", "opcua_node_prefix", "opcua_username"):
+        value = getattr(config, name)
+        if value is not None and len(value) > 512:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most 512 characters, got {len(value)}")
+    if config.opcua_password_file and not config.opcua_username:
+        raise ConfigError("--opcua-password-file needs --opcua-username")
+    if config.opcua_password_file is not None and not Path(config.opcua_password_file).is_file():
+        raise ConfigError(f"--opcua-password-file file not found: {config.opcua_password_file}")
+    if config.video_password_file and not stream_user(config.video):
+        raise ConfigError("--video-password-file needs --video with a stream URL naming the user "
+                          "(rtsp://USER@host/...)")
+
+
+def _validate_parts(config: RunConfig) -> None:
+    """Per-part mode, triggers, watched folder, drift watch."""
+    if config.trigger is not None and config.trigger not in TRIGGERS:
+        raise ConfigError(f"--trigger must be one of {', '.join(TRIGGERS)}, got {config.trigger!r}")
+    if config.watch:
+        if config.images is None:
+            raise ConfigError("--watch needs --images DIR (the folder the camera software writes into)")
+        if not Path(config.images).is_dir():
+            raise ConfigError(f"--watch needs --images to be an existing folder, got {config.images!r}")
+        if config.trigger is not None:
+            raise ConfigError("--watch and --trigger are two different triggers; give one")
+    if config.trigger == "mqtt" and not config.mqtt_host:
+        raise ConfigError("--trigger mqtt needs --mqtt-host (triggers arrive on <root>/<device>/<camera>/trigger)")
+    if config.watch_state is not None and not config.watch:
+        raise ConfigError("--watch-state is only used with --watch")
+    for name, limit in (("watch_poll", 60.0), ("trigger_queue", 10000), ("drift_window", 100000),
+                        ("watch_settle", 3600.0)):
+        _positive(config, name, allow_zero=name == "watch_settle")
+        if getattr(config, name) > limit:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {limit:g}, got {getattr(config, name):g}")
+    if not 0.0 <= config.drift_bound <= 100.0:
+        raise ConfigError(f"--drift-bound must be in [0, 100] (0 = off), got {config.drift_bound}")

@@ -1,7 +1,7 @@
 """`edge-ad listen`: the operator's side, printing alerts as they arrive on the broker.
 
 Subscribes to `<root>/<device>/<camera>/alert` (wildcards allowed) and,
-on request, to all-clears, status and heartbeats; prints one readable line
+on request, to all-clears, status and heartbeats (all per camera); prints one readable line
 per message, or the raw JSON with `--json`.
 """
 
@@ -14,16 +14,19 @@ import sys
 import time
 
 from edge_ad.errors import EdgeAdError
-from edge_ad.deliver.mqtt import MqttSettings, connect, make_client
+from edge_ad.deliver.events import Topics
+from edge_ad.deliver.link import Link
+from edge_ad.deliver.mqtt import MqttSettings, make_client
 
 log = logging.getLogger("edge_ad.listen")
 
-EVENTS = ("alert", "clear", "status", "heartbeat")
+EVENTS = ("alert", "clear", "verdict", "status", "heartbeat")
 
 
 def topics_for(root: str, device: str, camera: str, events) -> list[str]:
-    per_camera = {"alert", "clear"}
-    return [f"{root}/{device}/{camera}/{e}" if e in per_camera else f"{root}/{device}/{e}" for e in events]
+    """The runtime's own topic names (events.Topics), with '+' wildcards allowed for device and camera."""
+    topics = Topics(root, device, camera)
+    return [topics.for_event(e) for e in events]
 
 
 def _ms(value) -> str:
@@ -49,6 +52,12 @@ def format_message(topic: str, payload: dict) -> str:
         if payload.get("snapshot"):
             text += f" snapshot {payload['snapshot']}"
         return text
+    if event == "verdict":
+        score = payload.get("score")
+        shown = f"score {score:.3f}" if isinstance(score, (int, float)) else f"({payload.get('error')})"
+        return (f"{when} {payload.get('verdict')} {where} part {payload.get('part_id')} {shown}, "
+                f"{payload.get('regions_total', 0)} region(s), {payload.get('latency_ms')} ms after the "
+                f"{payload.get('trigger')} trigger, id {payload.get('event_id')}")
     if event == "clear":
         return f"{when} CLEAR {where} frame {payload.get('frame_index')} (ends alert {payload.get('clears')})"
     if event == "status":
@@ -70,9 +79,11 @@ def listen(settings: MqttSettings, root: str = "edge-ad", device: str = "+", cam
     inbox: queue.Queue = queue.Queue()
     subscriptions = [(topic, 1) for topic in topics_for(root, device, camera, events)]
     client = make_client(settings)
-    client.on_connect = lambda cl, userdata, flags, reason, props: cl.subscribe(subscriptions)
     client.on_message = lambda cl, userdata, message: inbox.put(message)
-    connect(client, settings)
+    # The same connection as `edge-ad run` (retries, back-off, reconnects); subscribe again on every connect.
+    link = Link(client, settings, on_up=lambda: client.subscribe(subscriptions),
+                on_down=lambda reason: log.warning("%s; reconnecting", reason))
+    link.start()
     log.info("listening on %s at %s", ", ".join(t for t, _ in subscriptions), settings.address)
     received = 0
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -98,8 +109,7 @@ def listen(settings: MqttSettings, root: str = "edge-ad", device: str = "+", cam
             out.flush()
             received += 1
     finally:
-        client.disconnect()
-        client.loop_stop()
+        link.close()
     if count is not None and received < count:
         raise EdgeAdError(f"timed out after {timeout:g} s: received {received} of {count} message(s)")
     return received

@@ -46,6 +46,13 @@ class RuntimeStats:
         self.dropped = 0  # set from the detector
         self.skipped = 0  # set from the source
 
+    def error(self) -> int:
+        """Count one failed frame; returns the new total. The preparing and deciding threads both count:
+        a bare `errors += 1` from two threads can lose increments."""
+        with self._lock:
+            self.errors += 1
+            return self.errors
+
     def frame_done(self, latency: float, e2e: float, anomalous: bool) -> None:
         now = time.monotonic()
         with self._lock:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from edge_ad.backoff import Backoff
 from edge_ad.errors import SourceError
 from edge_ad.sources.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
 
@@ -45,21 +46,6 @@ class Frame:
     utc: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     captured: float = field(default_factory=time.monotonic)  # for end-to-end latency
     name: str | None = None  # file name for still images
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Retry schedule: `retries` more attempts after the first, delays doubling up to `maximum`."""
-
-    retries: int = 10
-    initial: float = 1.0
-    maximum: float = 30.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial
-        for _ in range(self.retries):
-            yield delay
-            delay = min(delay * 2.0, self.maximum)
 
 
 class FrameSource:
@@ -149,10 +135,9 @@ class CaptureSource(FrameSource):
             if self._try_open() is not None:
                 raise SourceError(f"cannot read video file {self.target} (not a video, or a codec OpenCV lacks)", exit_code=2)
             return
-        try:
-            self._open_with_retries("at startup")
-        except SourceError as exc:
-            raise SourceError(str(exc), exit_code=2) from None
+        # A camera or stream still missing after the retries exits 1 (not 2): a PC that boots before its
+        # USB camera or NVR is ready is restarted by systemd, which exit 2 (bad configuration) would prevent.
+        self._open_with_retries("at startup")
 
     def __iter__(self) -> Iterator[Frame]:
         if self._cap is None:
