@@ -337,7 +337,12 @@ def worker_variant(variant: Variant, epochs: int) -> dict:
         if config.get("epochs") not in (None, epochs):
             say(f"warning: {variant.name} was trained for {config['epochs']} epochs, anomalib gets {epochs}")
     else:
-        spec.update(taps=[taps[int(config.get("tap", 2))]], pool=int(config.get("pool", 1)),
+        run_taps = str(config["taps"] if "taps" in config else config.get("tap", 2)).split(",")
+        if len(run_taps) != 1 or config.get("score_type", "fre") not in ("fre", "nll") \
+                or config.get("augment", "none") != "none":
+            raise PeerInputError(f"{variant.name}: anomalib's DFM has one tap, fre/nll scores and no augmentation; "
+                                 "compare a run trained with --taps 2 --score-type fre --augment none")
+        spec.update(taps=[taps[int(run_taps[0])]], pool=int(config.get("pool", 1)),
                     variance_ratio=float(config.get("variance_ratio", 0.97)),
                     score_type=config.get("score_type", "fre"))
     return spec

@@ -72,10 +72,20 @@ def _conv_ancestors(start: list[ov.Node], depth: int) -> list[list[ov.Node]]:
     return levels
 
 
+def _is_map_blur(node: ov.Node) -> bool:
+    """The anomaly map's Gaussian blur (training.models.image_score): a 1->1 channel convolution with
+    constant weights. It belongs to the head, which must stay FP32, not to the feature extractor."""
+    if node.get_type_name() != "Convolution":
+        return False
+    weights = node.input_value(1).get_node()
+    shape = list(node.get_input_partial_shape(1).to_shape()) if node.get_input_partial_shape(1).is_static else []
+    return weights.get_type_name() == "Constant" and len(shape) == 4 and shape[0] == 1 and shape[1] == 1
+
+
 def split_graph(model: ov.Model, tap_conv_depth: int = 3) -> GraphParts:
     """Split an IR into feature extractor and head (see module docstring)."""
     ops = list(model.get_ordered_ops())
-    convs = [op for op in ops if op.get_type_name() in CONV_TYPES]
+    convs = [op for op in ops if op.get_type_name() in CONV_TYPES and not _is_map_blur(op)]
     if not convs:
         raise GraphError("the IR has no convolutions: not a CNN feature extractor this quantizer knows")
     extractor: set[str] = set()

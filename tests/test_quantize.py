@@ -139,19 +139,26 @@ def test_graph_split_finds_the_head_of_both_algorithms():
     from edge_ad.model.preprocess import PreprocessSpec
     from training.backbones import build_backbone
     from training.models.dfm import DfmModel
+    from training.models.image_score import ImageScore
     from training.models.stfpm import StfpmModel
 
     torch.manual_seed(0)
     spec = PreprocessSpec.square(64)
     stfpm = StfpmModel(build_backbone("mobilenet_v2", pretrained=False), build_backbone("mobilenet_v2", pretrained=False))
     dfm = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(2,), feature_dim=96 * 4 * 4, n_components=4)
-    for model, head_types in ((stfpm, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "ReduceMax"}), (dfm, {"MatMul", "Interpolate"})):
+    # A smoothed, top-k scored map: the blur's constant 1->1 convolutions belong to the head (kept FP32).
+    smoothed = StfpmModel(build_backbone("mobilenet_v2", pretrained=False), build_backbone("mobilenet_v2", pretrained=False),
+                          ImageScore(smooth_sigma=4.0, reduction="topk"))
+    cases = ((stfpm, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "ReduceMax"}, 0),
+             (dfm, {"MatMul", "Interpolate"}, 0),
+             (smoothed, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "TopK"}, 2))
+    for model, head_types, blur_convs in cases:
         ov_model = convert(model.eval(), spec)
         parts = split_graph(ov_model)
         types = {op.get_friendly_name(): op.get_type_name() for op in ov_model.get_ordered_ops()}
         head = {types[name] for name in parts.head}
         assert head_types <= head, head
-        assert not head & CONV_TYPES
+        assert sum(types[name] in CONV_TYPES for name in parts.head) == blur_convs
         assert parts.taps and parts.tap_convs and parts.first_convs
         # both outputs are produced inside the head
         for result in ov_model.get_results():

@@ -70,3 +70,18 @@ def test_bad_inputs_are_refused_with_a_reason():
 def test_identical_scores_give_a_finite_threshold():
     threshold, _ = image_threshold(np.full(30, 0.25))
     assert np.isfinite(threshold) and threshold >= 0.25
+
+
+def test_heavy_tailed_small_samples_never_give_an_absurd_threshold():
+    """Log-normal(0, 1) scores, 30 at a time: the bound stays within a few times the true quantile."""
+    rng = np.random.default_rng(5)
+    true_quantile = float(np.exp(2.326))  # 99 % quantile of log-normal(0, 1)
+    ratios = [image_threshold(rng.lognormal(0.0, 1.0, 30), 0.01, 0.9)[0] / true_quantile for _ in range(200)]
+    assert max(ratios) < 8.0, max(ratios)
+    assert np.mean(np.array(ratios) >= 1.0) >= 0.7  # and mostly on the safe side
+
+
+def test_scores_of_both_signs_use_the_standardized_fit():
+    rng = np.random.default_rng(6)
+    threshold, fit = image_threshold(rng.normal(0.0, 1.0, 200), 0.01, 0.9)
+    assert fit.method.startswith("yeo-johnson") and 2.0 < threshold < 3.5

@@ -99,7 +99,7 @@ def test_stfpm_synthetic_selection_keeps_the_epoch_with_the_best_synthetic_auroc
     assert metrics["synthetic_validation_auroc"] == aurocs[best]
     for key in ("fpr_deployed", "recall_deployed", "image_f1_deployed", "image_f1_optimal"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["thresholds"]["fit"]["method"].startswith("yeo-johnson")
+    assert metrics["thresholds"]["fit"]["method"].endswith("normal tolerance bound")
     saved = json.loads((run / "config.json").read_text())
     assert saved["score_reduction"] == "topk" and saved["smooth_sigma"] == 1.0
 
@@ -112,3 +112,21 @@ def test_bad_lever_options_are_one_line_errors(synthetic_root, tmp_path, capsys)
     assert "--select" in capsys.readouterr().err
     assert main(["--category", "synthetic", "--data-root", str(synthetic_root), "--out", str(tmp_path),
                  "--augment", "twirl"]) == 2
+
+
+def test_synthetic_defects_on_small_and_grayscale_images():
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        gray = np.random.default_rng(1).integers(0, 256, (16, 40), dtype=np.uint8)
+        defective, mask = add_synthetic_defect(gray, kind, rng)
+        assert defective.shape == (16, 40, 3) and mask.shape == (16, 40)
+    with pytest.raises(ValueError, match="at least"):
+        add_synthetic_defect(np.zeros((10, 10, 3), np.uint8), "blob", rng)
+
+
+def test_dfm_taps_at_an_input_size_that_is_not_a_multiple_of_16():
+    from training.backbones import build_backbone
+    from training.models.dfm import DfmModel
+
+    model = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(1, 2))
+    assert model.tap_features(torch.rand(1, 3, 200, 200)).shape[1] == 32 + 96

@@ -51,7 +51,8 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device):
     """Mixed precision where it is safe: bf16 autocast on CUDA (no loss scaling needed), off on CPU,
     where bf16 convolutions are slower than f32 on most CPUs and change the scores."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
 def seed_everything(seed: int) -> None:
@@ -117,8 +118,8 @@ def evaluate_and_save(
                                      confidence=config.threshold_confidence)
     test = predict(model, loader(data.test, data, config), device, desc="test")
     metrics = test_metrics(test, thresholds.image, data.has_masks)
-    if "synthetic_validation_auroc" not in (extra_metrics or {}):
-        metrics["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_validation(data, config), device)
+    # Measured on the saved model (for STFPM with --select synthetic it must equal the kept epoch's value).
+    metrics["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_validation(data, config), device)
 
     run_dir = runs.new_run_dir(config.out, config.algorithm, config.backbone, config.category)
     # An absolute data root lets export and calibration find the data from any working directory.
@@ -132,7 +133,7 @@ def evaluate_and_save(
         "data_fingerprint": data.fingerprint,
         "device": str(device),
         "torch_version": torch.__version__,
-        **(extra_metrics or {}),
+        **{k: v for k, v in (extra_metrics or {}).items() if k != "synthetic_validation_auroc"},
     }
     split = {
         "train": [str(s.path) for s in data.train],

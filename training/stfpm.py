@@ -69,6 +69,8 @@ def training_batches(data, config: StfpmConfig, device: torch.device):
 
 
 def train(config: StfpmConfig) -> Path:
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
     if config.select not in SELECTIONS:
         raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {config.select!r}")
     if config.lr_schedule not in SCHEDULES:
@@ -130,8 +132,6 @@ def train(config: StfpmConfig) -> Path:
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")
     extra = {"best_epoch": best_epoch, "best_validation_loss": kept["validation_loss"], "history": history}
-    if synthetic_batches is not None:
-        extra["synthetic_validation_auroc"] = kept["synthetic_validation_auroc"]
     return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra)
 
 

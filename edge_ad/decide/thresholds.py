@@ -5,8 +5,9 @@ Training (validation split), INT8 calibration and teach-in on site (`edge-ad tea
 
 Why not the empirical quantile: the 99 % quantile of 20-50 normal scores is just their maximum,
 and the next few hundred normal parts exceed it far more often than 1 % (measured: 20 % on a
-demo run). Instead the scores are mapped to a near-Gaussian scale (a Yeo-Johnson power transform
-whose exponent is fitted by maximum likelihood on robustly standardized scores), and the
+demo run). Instead the scores are mapped to a near-Gaussian scale (positive scores: a Box-Cox
+power of score / median; others: a Yeo-Johnson power of robustly standardized scores; the exponent
+fitted by maximum likelihood, at least 0, i.e. at most a logarithm), and the
 threshold is the one-sided normal *tolerance* bound there: with probability `confidence`, at
 least (1 - target_fpr) of unseen normal scores fall below it. The bound grows as the sample
 shrinks, which is the honest answer to "how sure are 30 images?". numpy and the standard
@@ -27,7 +28,9 @@ DEFAULT_IMAGE_FPR = 0.01
 DEFAULT_PIXEL_FPR = 0.001
 DEFAULT_CONFIDENCE = 0.9
 MIN_NORMAL_SCORES = 5  # below this no tail can be fitted, only guessed; the bound widens as n shrinks
-_LAMBDAS = np.linspace(-3.0, 3.0, 241)
+# Powers below 0 give a transform with a ceiling (-1/power); a tolerance bound near it maps back to an
+# absurd threshold (1e5 for scores below 3), so the fit stays at or above the logarithm.
+_LAMBDAS = np.linspace(0.0, 3.0, 121)
 
 
 class ThresholdEstimateError(ValueError):
@@ -64,6 +67,24 @@ def _yeo_johnson_inverse(y: float, lam: float) -> float | None:
         return -math.expm1(-y)
     except OverflowError:
         return None
+
+
+def _box_cox(x: np.ndarray, lam: float) -> np.ndarray:
+    return np.log(x) if lam < 1e-8 else (x**lam - 1.0) / lam
+
+
+def _fit_box_cox(x: np.ndarray) -> float:
+    """Maximum-likelihood Box-Cox exponent for positive scores."""
+    best, best_ll = 1.0, -math.inf
+    log_sum = float(np.log(x).sum())
+    for lam in _LAMBDAS:
+        variance = float(np.var(_box_cox(x, float(lam))))
+        if not math.isfinite(variance) or variance <= 0:
+            continue
+        ll = -0.5 * len(x) * math.log(variance) + (lam - 1.0) * log_sum
+        if ll > best_ll:
+            best, best_ll = float(lam), ll
+    return best
 
 
 def _fit_lambda(x: np.ndarray) -> float:
@@ -127,11 +148,23 @@ def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
     if not np.all(np.isfinite(scores)):
         raise ThresholdEstimateError("normal scores contain NaN or infinite values")
     empirical = float(np.quantile(scores, 1.0 - target_fpr))
+    k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
+    p95 = float(np.quantile(scores, 0.95))
+    if scores.min() > 0 and np.ptp(scores) > 0:
+        # Positive scores (maps, distances, errors): Box-Cox on scores / median, exact for log-normal ones.
+        median = float(np.median(scores))
+        relative = scores / median
+        lam = _fit_box_cox(relative)
+        transformed = _box_cox(relative, lam)
+        bound = float(transformed.mean() + k * transformed.std(ddof=1))
+        value = math.exp(bound) if lam < 1e-8 else (lam * bound + 1.0) ** (1.0 / lam)
+        fit = TailFit(method="box-cox normal tolerance bound", n=int(scores.size), confidence=confidence,
+                      power=lam, empirical_quantile=empirical, p50=median, p95=p95)
+        return float(median * value), fit
     center = float(np.median(scores))
     q25, q75 = np.quantile(scores, [0.25, 0.75])
     scale = float(q75 - q25) or float(np.std(scores)) or 1.0
     standardized = (scores - center) / scale
-    k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
     lam = _fit_lambda(standardized)
     value = None
     for power in (lam, 1.0):  # 1.0 is the identity: a plain normal fit where the fitted power cannot reach the bound
@@ -142,7 +175,7 @@ def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
             break
     threshold = center + scale * value
     fit = TailFit(method="yeo-johnson normal tolerance bound", n=int(scores.size), confidence=confidence,
-                  power=lam, empirical_quantile=empirical, p50=center, p95=float(np.quantile(scores, 0.95)))
+                  power=lam, empirical_quantile=empirical, p50=center, p95=p95)
     return float(threshold), fit
 
 

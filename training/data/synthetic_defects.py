@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 KINDS = ("cutpaste", "scratch", "blob")
+MIN_SIDE = 16
 
 
 def _structure_point(gray: np.ndarray, rng: np.random.Generator, margin: int) -> tuple[int, int]:
@@ -35,12 +36,16 @@ def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator)
     """uint8 BGR (H,W,3) -> (defective copy, uint8 {0,1} mask of the changed pixels)."""
     if kind not in KINDS:
         raise ValueError(f"synthetic defect kind must be one of {KINDS}, got {kind!r}")
-    out = image.copy()
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     h, w = image.shape[:2]
     side = min(h, w)
+    if side < MIN_SIDE:
+        raise ValueError(f"image is {w}x{h}: synthetic defects need at least {MIN_SIDE} px on each side")
+    out = image.copy()
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     mask = np.zeros((h, w), dtype=np.uint8)
-    size = int(rng.uniform(0.04, 0.10) * side)
+    size = max(3, int(rng.uniform(0.04, 0.10) * side))
     y, x = _structure_point(gray, rng, margin=size // 2 + 2)
     if kind == "cutpaste":
         sy, sx = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))

@@ -65,12 +65,12 @@ class DfmModel(nn.Module):
 
     def tap_features(self, images: torch.Tensor) -> torch.Tensor:
         all_features = self.extractor(images)
-        coarsest = max(self.taps)
+        grid = all_features[max(self.taps)].shape[-2:]
         parts = []
         for tap in self.taps:
             features = all_features[tap]
-            if tap < coarsest:  # strides 4/8/16: each tap halves the grid
-                features = F.avg_pool2d(features, kernel_size=2 ** (coarsest - tap))
+            if features.shape[-2:] != grid:  # finer tap: average onto the coarsest tap's grid
+                features = F.adaptive_avg_pool2d(features, [int(grid[0]), int(grid[1])])
             parts.append(features)
         features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.pool > 1:
