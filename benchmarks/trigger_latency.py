@@ -99,6 +99,28 @@ def wait_ready(plc: Plc, proc: subprocess.Popen, probe) -> None:
     raise SystemExit("edge-ad did not answer within 60 s")
 
 
+def measure_parts(plc: Plc, proc: subprocess.Popen, warm_up, fire, parts: int) -> tuple[list[float], list[float]]:
+    """Warm up, then one part at a time: `fire(i)` triggers part i and returns (send time, expected part id).
+    Returns the latencies seen at the PLC and those edge-ad reports inside itself, in ms."""
+    client, inside = [], []
+    try:
+        wait_ready(plc, proc, warm_up)
+        time.sleep(0.5)
+        while not plc.verdicts.empty():
+            plc.verdicts.get()
+        for i in range(parts):
+            sent, expected = fire(i)
+            received, verdict = plc.wait()
+            assert verdict["part_id"] == expected, verdict
+            client.append((received - sent) * 1000.0)
+            inside.append(verdict["latency_ms"])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        plc.close()
+    return client, inside
+
+
 def run_mqtt(model: Path, broker: Mosquitto, work: Path, parts: int, size) -> dict:
     folder = work / "camera"
     folder.mkdir()
@@ -109,23 +131,14 @@ def run_mqtt(model: Path, broker: Mosquitto, work: Path, parts: int, size) -> di
     proc = start_edge_ad(["--images", str(folder), "--trigger", "mqtt", "--model", str(model), "--mqtt-host",
                           broker.host, "--mqtt-port", str(broker.port), "--topic-root", "bench", "--device-id", "pc",
                           "--camera-id", "st", "--log-level", "warning"], work / "state-mqtt")
-    try:
-        wait_ready(plc, proc, lambda: plc.client.publish(topic + "trigger", "warm-up", qos=1))
-        time.sleep(0.5)
-        while not plc.verdicts.empty():
-            plc.verdicts.get()
-        client, inside = [], []
-        for i in range(parts):
-            sent = time.perf_counter()
-            plc.client.publish(topic + "trigger", json.dumps({"part_id": f"P{i}"}), qos=1)
-            received, verdict = plc.wait()
-            assert verdict["part_id"] == f"P{i}", verdict
-            client.append((received - sent) * 1000.0)
-            inside.append(verdict["latency_ms"])
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        plc.close()
+
+    def fire(i: int) -> tuple[float, str]:
+        sent = time.perf_counter()
+        plc.client.publish(topic + "trigger", json.dumps({"part_id": f"P{i}"}), qos=1)
+        return sent, f"P{i}"
+
+    client, inside = measure_parts(plc, proc, lambda: plc.client.publish(topic + "trigger", "warm-up", qos=1),
+                                   fire, parts)
     return {"trigger_to_verdict_ms": percentiles(client), "inside_edge_ad_ms": percentiles(inside)}
 
 
@@ -146,22 +159,8 @@ def run_watch(model: Path, broker: Mosquitto, work: Path, parts: int, size, poll
         os.replace(tmp, folder / name)
         return time.perf_counter()
 
-    try:
-        wait_ready(plc, proc, lambda: write(f"warm{next(counter)}.png", 0))
-        time.sleep(0.5)
-        while not plc.verdicts.empty():
-            plc.verdicts.get()
-        client, inside = [], []
-        for i in range(parts):
-            sent = write(f"p{i:05d}.png", i)
-            received, verdict = plc.wait()
-            assert verdict["part_id"] == f"p{i:05d}.png", verdict
-            client.append((received - sent) * 1000.0)
-            inside.append(verdict["latency_ms"])
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        plc.close()
+    client, inside = measure_parts(plc, proc, lambda: write(f"warm{next(counter)}.png", 0),
+                                   lambda i: (write(f"p{i:05d}.png", i), f"p{i:05d}.png"), parts)
     return {"file_to_verdict_ms": percentiles(client), "inside_edge_ad_ms": percentiles(inside), "poll_s": poll}
 
 
