@@ -69,6 +69,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe("head-fp32-mixed", "anomaly head FP32, MIXED preset (asymmetric activations)"),
         Recipe("head-fp32-mixed-w7", "+ OverflowFix.ENABLE: every weight on a 7-bit grid, so u8 x s8 pair sums "
                "cannot saturate int16 on CPUs without VNNI", overflow_fix="enable"),
+        Recipe("head-fp32-mixed-w7-bc", "7-bit weights + full BiasCorrection, first convolution quantized "
+               "(the step a validation-only choice takes, see README_SECTION.md)",
+               overflow_fix="enable", fast_bias_correction=False),
         Recipe("head-fp32-mixed-w7-first", "+ first convolution(s) kept FP32 (input quantization noise)",
                overflow_fix="enable", keep_first_conv_fp32=True),
         Recipe("head-fp32-mixed-w7-first-bc", "+ full BiasCorrection (fast_bias_correction=False)",
