@@ -155,10 +155,11 @@ def sweep(algorithm: str, category: str, data_root: str, out: Path, steps: list,
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    def f(value, pattern="{:.3f}"):
-        return "-" if value is None else pattern.format(value)
+def f(value, pattern: str = "{:.3f}") -> str:
+    return "-" if value is None else pattern.format(value)
 
+
+def to_markdown(rows: list[dict]) -> str:
     lines = [
         "| model | lever | kept | category | synthetic val AUROC | image AUROC | pixel AUROC | F1 deployed | FPR test/good | recall | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -185,9 +186,6 @@ README_MARKERS = ("<!-- levers:begin -->", "<!-- levers:end -->")
 
 def readme_block(rows: list[dict], header: str) -> str:
     """The README's compact view: the hard category's steps with the check category's figures beside them."""
-    def f(value, pattern="{:.3f}"):
-        return "-" if value is None else pattern.format(value)
-
     check = {(r["model"], r["lever"]): r for r in rows
              if "recipe" not in r and r.get("kept") is None and r["category"] != rows[0]["category"]}
     others = ", ".join(sorted({r["category"] for r in check.values()})) or "check category"

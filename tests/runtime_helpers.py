@@ -34,6 +34,20 @@ GRAY = 128  # background, ~0.5 = the model's reference
 MOSQUITTO = find_mosquitto()
 
 
+def systemd_verify(unit_text: str, path: Path) -> None:
+    """`systemd-analyze verify` on a unit pointed at this checkout's edge-ad (verify insists ExecStart exists);
+    skips where systemd cannot run. systemd < 254 does not know the growing restart delay: those lines pass."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    path.write_text(unit_text.replace("/usr/local/bin/edge-ad", str(Path(sys.executable).parent / "edge-ad")))
+    proc = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    if "Failed to" in proc.stderr and "bus" in proc.stderr.lower():
+        pytest.skip(f"systemd-analyze cannot run here: {proc.stderr.strip()[:200]}")
+    complaints = [line for line in proc.stderr.splitlines()
+                  if line.strip() and "RestartSteps" not in line and "RestartMaxDelaySec" not in line]
+    assert proc.returncode == 0 and complaints == [], proc.stderr
+
+
 def make_frame(boxes=(), height: int = 192, width: int = 256, channels: int = 3) -> np.ndarray:
     """Flat gray frame with white rectangles (x, y, w, h) as defects."""
     frame = np.full((height, width, channels) if channels > 1 else (height, width), GRAY, np.uint8)
