@@ -25,7 +25,7 @@ from benchmarks.speed import machine, machine_line
 from edge_ad.ops.tool_cli import run_tool
 from training import dfm as dfm_cli
 from training import stfpm as stfpm_cli
-from training.config import DfmConfig, StfpmConfig
+from training.config import DfmConfig, StfpmConfig, parse_taps
 from training.models.image_score import ImageScore
 from training.pipeline import (
     evaluate_and_save,
@@ -48,6 +48,9 @@ STFPM_STEPS = [
     ("epochs 20, synthetic selection, cosine lr", {"epochs": 20, "select": "synthetic", "lr_schedule": "cosine"}),
     ("backbone efficientnet_lite1", {"backbone": "efficientnet_lite1"}),
     ("input 384 px", {"image_size": 384}),
+    ("map from taps 1+2 only (stride 8, 16)", {"map_taps": "1,2"}),
+    ("map: sum of the tap maps", {"map_combine": "sum"}),
+    ("backbone mobilenet_v2_wide (144/192/576-channel taps)", {"backbone": "mobilenet_v2_wide"}),
 ]
 DFM_STEPS = [
     ("baseline: tap 2, fre", {}),
@@ -58,6 +61,7 @@ DFM_STEPS = [
     ("augment: rotate + flips (PCA on 4 poses)", {"augment": "rotate,hflip,vflip"}),
     ("backbone efficientnet_lite1", {"backbone": "efficientnet_lite1"}),
     ("input 384 px", {"image_size": 384}),
+    ("finer map: tap 1 unpooled (stride 8)", {"pool": 1}),
 ]
 # The sweep starts from the recipe as it was before it (not from today's defaults, which it chose).
 BASELINES = {
@@ -66,7 +70,7 @@ BASELINES = {
     "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "smooth_sigma": 0.0,
             "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256},
 }
-SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma"}
+SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma", "map_taps", "map_combine"}
 # A lever must beat noise: with 30-50 validation images and as many synthetic defects, AUROC moves by
 # 1/n0n1 ~ 0.001 per swapped pair and its standard error is ~0.03, so gains below this are not evidence.
 KEEP_MARGIN = 0.01
@@ -89,6 +93,9 @@ def _rescore(base_run: Path, config) -> Path:
     """A scoring lever: same trained weights, new ImageScore, thresholds and metrics recomputed."""
     model, _ = load_model(base_run)
     model.image_score = ImageScore(config.smooth_sigma, config.score_reduction, config.topk_fraction)
+    if config.algorithm == "stfpm":
+        model.map_taps = parse_taps(config.map_taps, "--map-taps")
+        model.map_combine = config.map_combine
     device = resolve_device(config.device)
     data = prepare_data(config)
     base_metrics = read_json(base_run, "metrics.json")

@@ -15,8 +15,11 @@ import numpy as np
 SIZE = 64  # model input
 
 
-def build_bundle(folder: Path, size: int = SIZE, precision: str = "fp32") -> Path:
-    """A real IR + bundle.json. Raw thresholds: image 0.15, pixel 0.25 (defects score ~0.5, background ~0.005)."""
+def build_bundle(folder: Path, size: int = SIZE, precision: str = "fp32", fit: str = "stretch") -> Path:
+    """A real IR + bundle.json. Raw thresholds: image 0.15, pixel 0.25 (defects score ~0.5, background ~0.005).
+
+    `fit` is the bundle's preprocess.fit; letterbox bars (black) score as defects in this model.
+    """
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -39,7 +42,7 @@ def build_bundle(folder: Path, size: int = SIZE, precision: str = "fp32") -> Pat
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
     bundle = Bundle(
         model=ModelInfo(algorithm="absdiff", backbone="none", precision=precision),
-        preprocess=PreprocessSpec.square(size),
+        preprocess=PreprocessSpec.square(size, fit),
         thresholds=Thresholds(image=0.15, pixel=0.25, image_min=0.0, image_max=0.3, pixel_min=0.0, pixel_max=0.5),
         training=TrainingInfo(category="synthetic", data_root="-", data_fingerprint="-", epochs=None, seed=0,
                               image_size=size, validation_fraction=0.0),

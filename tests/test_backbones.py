@@ -28,6 +28,9 @@ PAST_LAST_TAP = {
     "resnet18": ("layer4.", "fc."),
     "wide_resnet50_2": ("layer4.", "fc."),
     "mobilenet_v2": tuple(f"features.{i}." for i in range(14, 19)) + ("classifier.",),
+    # features.14.conv.0 is its last tap: the rest of block 14 and everything after it are cut off
+    "mobilenet_v2_wide": ("features.14.conv.1.", "features.14.conv.2.", "features.14.conv.3.")
+    + tuple(f"features.{i}." for i in range(15, 19)) + ("classifier.",),
     "efficientnet_lite0": ("_blocks.11.", "_conv_head.", "_fc."),
     "efficientnet_lite1": ("_blocks.15.", "_conv_head.", "_fc."),
     "efficientnet_lite2": ("_blocks.15.", "_conv_head.", "_fc."),

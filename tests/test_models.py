@@ -52,6 +52,10 @@ def test_anomaly_map_is_product_of_upsampled_tap_maps():
         distance = 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
         maps.append(F.interpolate(distance, size=(16, 16), mode="bilinear", align_corners=False))
     torch.testing.assert_close(result, maps[0] * maps[1])
+    torch.testing.assert_close(anomaly_map(teacher, student, size=(16, 16), combine="sum"), maps[0] + maps[1])
+    torch.testing.assert_close(anomaly_map(teacher, student, size=(16, 16), taps=(1,)), maps[1])
+    with pytest.raises(ValueError, match="combine"):
+        anomaly_map(teacher, student, size=(16, 16), combine="mean")
 
 
 def test_teacher_stays_frozen_in_train_mode():

@@ -39,6 +39,11 @@ class BackboneSpec:
     strides: tuple[int, int, int] = (4, 8, 16)
     channels: tuple[int, int, int]
     offline_weights: bool  # ImageNet weights ship with an installed package (no download)
+    network: str = ""  # the ImageNet network whose weights and layers it uses (default: the name)
+
+    @property
+    def network_name(self) -> str:
+        return self.network or self.name
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -58,6 +63,16 @@ BACKBONES: dict[str, BackboneSpec] = {
             taps=("features.3", "features.6", "features.13"),
             channels=(24, 32, 96),
             offline_weights=True,
+        ),
+        # The same network tapped at the wide, post-ReLU6 expansion of the next block instead of the narrow linear
+        # bottleneck outputs (24/32/96 channels), which a student learns to copy everywhere, defects included.
+        # These are like the post-ReLU block outputs of ResNet that STFPM was designed on.
+        BackboneSpec(
+            name="mobilenet_v2_wide",
+            taps=("features.4.conv.0", "features.7.conv.0", "features.14.conv.0"),
+            channels=(144, 192, 576),
+            offline_weights=True,
+            network="mobilenet_v2",
         ),
         BackboneSpec(
             name="efficientnet_lite0",
@@ -172,11 +187,11 @@ def build_backbone(
         source = str(weights)
         state_dict = _read_state_dict_file(Path(weights), name)
     elif pretrained:
-        source, state_dict = _PRETRAINED_LOADERS[name](name)
+        source, state_dict = _PRETRAINED_LOADERS[spec.network_name](name)
 
-    network, body = _ARCHITECTURES[name](spec)
+    network, body = _ARCHITECTURES[spec.network_name](spec)
     if state_dict is not None:
-        if name == "mobilenet_v2" and _is_deep_sort_mobilenet_v2(state_dict):
+        if spec.network_name == "mobilenet_v2" and _is_deep_sort_mobilenet_v2(state_dict):
             state_dict = _deep_sort_to_torchvision_mobilenet_v2(state_dict)
         _load_into_body(body, network, state_dict, name, source)
 
@@ -192,7 +207,7 @@ def build_backbone(
 
 
 def _torchvision_architecture(spec: BackboneSpec) -> tuple[nn.Module, nn.Module]:
-    network = getattr(torchvision.models, spec.name)(weights=None).eval()
+    network = getattr(torchvision.models, spec.network_name)(weights=None).eval()
     # FX tracing drops every layer after the last tap from the graph and from the parameters.
     body = create_feature_extractor(network, return_nodes={tap: tap for tap in spec.taps})
     return network, body

@@ -18,6 +18,7 @@ class TrainConfig:
     weights: str | None = None  # local ImageNet weights file for the backbone
     batch_size: int = 16
     image_size: int = 256
+    fit: str = "stretch"  # non-square frames: stretch, letterbox or crop (edge_ad.model.preprocess)
     device: str = "auto"  # auto: CUDA when present, else CPU
     seed: int = 0
     validation_fraction: float = 0.15
@@ -43,6 +44,8 @@ class StfpmConfig(TrainConfig):
     weight_decay: float = 1e-4
     lr_schedule: str = "constant"  # constant, or cosine (decays to 0 over the epochs)
     select: str = "loss"  # which epoch to keep: loss (lowest validation loss) or synthetic (see HELP)
+    map_taps: str = "0,1,2"  # taps whose maps make the anomaly map (the loss always uses all three)
+    map_combine: str = "product"  # product (the paper's) or sum of the per-tap maps
     algorithm: str = "stfpm"
 
 
@@ -67,6 +70,9 @@ HELP = {
     "backbone": "feature extractor: mobilenet_v2, efficientnet_lite0 (offline weights), resnet18, wide_resnet50_2",
     "weights": "local ImageNet weights file for the backbone (instead of downloading)",
     "device": "auto, cpu, cuda or cuda:N",
+    "fit": "how non-square images fill the square input: stretch (default), letterbox (pad) or crop (centre)",
+    "map_taps": "STFPM: taps whose discrepancy maps make the anomaly map, comma list of 0, 1, 2 (stride 4, 8, 16)",
+    "map_combine": "STFPM: combine the per-tap maps by product (the paper's) or sum",
     "validation_fraction": "share of train/good held out for model selection, thresholds and INT8 calibration",
     "target_fpr": "false-positive rate on held-out normal images that sets the image threshold",
     "pixel_fpr": "false-positive rate on held-out normal pixels that sets the pixel threshold",
@@ -106,6 +112,17 @@ def build_parser(config_class: type[TrainConfig], description: str) -> argparse.
         else:
             parser.add_argument(flag, default=field.default, type=kind, help=HELP.get(field.name, " "))
     return parser
+
+
+def parse_taps(text: str, option: str = "--taps") -> tuple[int, ...]:
+    """A comma list of backbone taps (0, 1, 2 = stride 4, 8, 16), sorted, duplicates dropped."""
+    try:
+        taps = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
+    except ValueError:
+        taps = ()
+    if not taps or any(tap not in (0, 1, 2) for tap in taps):
+        raise ValueError(f"{option} must be a comma list of 0, 1, 2 (stride 4, 8, 16), got {text!r}")
+    return taps
 
 
 def parse_config(config_class: type[TrainConfig], description: str, argv: list[str] | None = None) -> TrainConfig:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from training.backbones import build_backbone
-from training.config import DfmConfig, parse_config
+from training.config import DfmConfig, parse_config, parse_taps
 from training.data.augment import Augmentation
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
@@ -34,16 +34,6 @@ def build_model(config: DfmConfig | dict, pretrained: bool = True) -> DfmModel:
         n_components=config.get("n_components", 0),
         image_score=image_score_from(config),
     )
-
-
-def parse_taps(text: str) -> tuple[int, ...]:
-    try:
-        taps = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
-    except ValueError:
-        taps = ()
-    if not taps or any(tap not in (0, 1, 2) for tap in taps):
-        raise ValueError(f"--taps must be a comma list of 0, 1, 2 (stride 4, 8, 16), got {text!r}")
-    return taps
 
 
 AUGMENTED_PASSES = 3  # with --augment, the PCA also sees this many randomly posed copies of each image

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from edge_ad.decide.thresholds import estimate_thresholds
-from edge_ad.model.preprocess import PreprocessSpec, as_bgr_uint8
+from edge_ad.model.preprocess import FITS, PreprocessSpec, as_bgr_uint8
 from edge_ad.sources.images import read_image
 from training import run_dir as runs
 from training.config import TrainConfig
@@ -62,6 +62,8 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(config: TrainConfig) -> RunData:
+    if config.fit not in FITS:
+        raise ValueError(f"--fit must be one of {', '.join(FITS)}, got {config.fit!r}")
     category = load_category(config.data_root, config.category)
     train, validation = split_validation(category.train, fraction=config.validation_fraction, seed=config.seed)
     log.info(
@@ -70,7 +72,7 @@ def prepare_data(config: TrainConfig) -> RunData:
         sum(s.label for s in category.test), "" if category.has_masks else "; no masks: image-level metrics only",
     )
     return RunData(
-        spec=PreprocessSpec.square(config.image_size),
+        spec=PreprocessSpec.square(config.image_size, config.fit),
         train=train,
         validation=validation,
         test=category.test,

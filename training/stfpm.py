@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from training.backbones import build_backbone
-from training.config import StfpmConfig, parse_config
+from training.config import StfpmConfig, parse_config, parse_taps
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
+from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
 from training.pipeline import (
     autocast, evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything, synthetic_auroc,
@@ -32,7 +33,9 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
     config = config if isinstance(config, dict) else config.to_dict()
     teacher = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
     student = build_backbone(config["backbone"], pretrained=False, bn_momentum=STUDENT_BN_MOMENTUM)
-    return StfpmModel(teacher, student, image_score_from(config))
+    return StfpmModel(teacher, student, image_score_from(config),
+                      map_taps=parse_taps(config.get("map_taps", "0,1,2"), "--map-taps"),
+                      map_combine=config.get("map_combine", "product"))
 
 
 @torch.no_grad()
@@ -76,6 +79,9 @@ def train(config: StfpmConfig) -> Path:
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
     Augmentation.parse(config.augment)
+    parse_taps(config.map_taps, "--map-taps")
+    if config.map_combine not in COMBINES:
+        raise ValueError(f"--map-combine must be one of {', '.join(COMBINES)}, got {config.map_combine!r}")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)

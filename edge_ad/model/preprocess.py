@@ -28,6 +28,9 @@ class PreprocessSpec:
     layout: str = "NCHW"
     scale: float = 1.0 / 255.0  # uint8 -> [0, 1]
     resize: str = "area-down/linear-up"
+    # How a frame of another aspect ratio fills the input: stretch (squash, the default), letterbox (scale to
+    # fit, pad with black: nothing lost, nothing distorted) or crop (scale to cover, keep the centre).
+    fit: str = "stretch"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,8 +41,67 @@ class PreprocessSpec:
         return cls(**known)
 
     @classmethod
-    def square(cls, size: int) -> "PreprocessSpec":
-        return cls(height=int(size), width=int(size))
+    def square(cls, size: int, fit: str = "stretch") -> "PreprocessSpec":
+        return cls(height=int(size), width=int(size), fit=fit)
+
+
+FITS = ("stretch", "letterbox", "crop")
+PAD_VALUE = 0  # letterbox bars: black, the same for every frame, so the model learns them as normal
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a (frame_h, frame_w) frame lands in the model input under a uniform fit: scaled to
+    (scaled_h, scaled_w) and shifted by (top, left) model pixels (negative when cropped)."""
+
+    scaled_h: int
+    scaled_w: int
+    top: int
+    left: int
+
+
+def placement(frame_h: int, frame_w: int, spec: PreprocessSpec) -> Placement | None:
+    """None for stretch (each axis scaled on its own); otherwise the uniform scale and the offset."""
+    if spec.fit == "stretch":
+        return None
+    if spec.fit not in FITS:
+        raise FrameError(f"unknown fit {spec.fit!r}: one of {', '.join(FITS)}")
+    ratio = (min if spec.fit == "letterbox" else max)(spec.height / frame_h, spec.width / frame_w)
+    scaled_h = max(1, int(round(frame_h * ratio)))
+    scaled_w = max(1, int(round(frame_w * ratio)))
+    return Placement(scaled_h, scaled_w, (spec.height - scaled_h) // 2, (spec.width - scaled_w) // 2)
+
+
+def _place(image: np.ndarray, spec: PreprocessSpec, nearest: bool = False, pad=PAD_VALUE) -> np.ndarray:
+    """Resize `image` into the model input under the spec's fit (stretch, letterbox or crop)."""
+    where = placement(image.shape[0], image.shape[1], spec)
+    if where is None:
+        return _resize(image, spec.height, spec.width, nearest=nearest)
+    scaled = _resize(image, where.scaled_h, where.scaled_w, nearest=nearest)
+    if where.top >= 0 and where.left >= 0 and (where.scaled_h, where.scaled_w) != (spec.height, spec.width):
+        out = np.full((spec.height, spec.width) + image.shape[2:], pad, dtype=image.dtype)
+        out[where.top:where.top + where.scaled_h, where.left:where.left + where.scaled_w] = scaled
+        return out
+    return scaled[-min(where.top, 0):, -min(where.left, 0):][:spec.height, :spec.width]
+
+
+def frame_aligned_map(anomaly_map: np.ndarray, frame_h: int, frame_w: int, spec: PreprocessSpec) -> np.ndarray:
+    """A model-size map -> a map whose grid covers exactly the frame (at model scale).
+
+    Identity for stretch. Letterbox: the bars are cut off. Crop: the parts of the frame the model never
+    saw are added, at the map's minimum (never anomalous). Regions, ROI masks and overlays then
+    scale it to the frame as they scale a stretched map.
+    """
+    where = placement(frame_h, frame_w, spec)
+    if where is None:
+        return anomaly_map
+    if where.top >= 0 and where.left >= 0:
+        return np.ascontiguousarray(anomaly_map[where.top:where.top + where.scaled_h,
+                                                where.left:where.left + where.scaled_w])
+    out = np.full((where.scaled_h, where.scaled_w), anomaly_map.min(), dtype=anomaly_map.dtype)
+    top, left = -min(where.top, 0), -min(where.left, 0)
+    out[top:top + spec.height, left:left + spec.width] = anomaly_map
+    return out
 
 
 def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
@@ -106,7 +168,7 @@ def resize_for_model(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.color not in ("RGB", "BGR"):
         raise FrameError(f"unknown color order {spec.color!r}")
     try:
-        return np.ascontiguousarray(_resize(bgr, spec.height, spec.width))
+        return np.ascontiguousarray(_place(bgr, spec))
     except cv2.error as exc:
         raise FrameError(f"cannot resize the frame: {str(exc).strip().splitlines()[-1]}") from None
 
@@ -126,7 +188,7 @@ def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if mask.ndim == 3:
         mask = mask.max(axis=2)
     binary = (mask > 0).astype(np.uint8)
-    return _resize(binary, spec.height, spec.width, nearest=True)
+    return _place(binary, spec, nearest=True)
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Per-tap teacher/student discrepancy, upsampled and multiplied into one map."""
+"""Per-tap teacher/student discrepancy, upsampled and combined into one map."""
 
 from __future__ import annotations
 
@@ -17,14 +17,30 @@ def tap_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
 
 
+COMBINES = ("product", "sum")
+
+
 def anomaly_map(
     teacher_features: list[torch.Tensor],
     student_features: list[torch.Tensor],
     size: tuple[int, int],
+    taps: tuple[int, ...] | None = None,
+    combine: str = "product",
 ) -> torch.Tensor:
-    """Product of the per-tap maps at input resolution: a defect must show at every scale."""
+    """The per-tap maps at input resolution, of the chosen taps (default all), combined.
+
+    product (the paper's): a defect must show at every scale; sum: a defect that shows at one scale
+    (a small one at the finest) counts even where a coarse tap is blind to it.
+    """
+    if combine not in COMBINES:
+        raise ValueError(f"map combine must be one of {COMBINES}, got {combine!r}")
     result = None
-    for teacher, student in zip(teacher_features, student_features):
+    for index, (teacher, student) in enumerate(zip(teacher_features, student_features)):
+        if taps is not None and index not in taps:
+            continue
         tap_map = F.interpolate(tap_distance(teacher, student), size=size, mode="bilinear", align_corners=False)
-        result = tap_map if result is None else result * tap_map
+        if result is None:
+            result = tap_map
+        else:
+            result = result * tap_map if combine == "product" else result + tap_map
     return result

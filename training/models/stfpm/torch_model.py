@@ -16,8 +16,11 @@ class StfpmModel(nn.Module):
     smoothed and reduced to the score by `image_score` (plain max when not given).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None):
+    def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None,
+                 map_taps: tuple[int, ...] | None = None, map_combine: str = "product"):
         super().__init__()
+        self.map_taps = None if map_taps is None else tuple(int(t) for t in map_taps)
+        self.map_combine = map_combine
         self.teacher = teacher
         self.student = student
         self.image_score = image_score or ImageScore()
@@ -38,4 +41,5 @@ class StfpmModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         teacher_features, student_features = self.features(images)
-        return self.image_score(anomaly_map(teacher_features, student_features, size=images.shape[-2:]))
+        return self.image_score(anomaly_map(teacher_features, student_features, size=images.shape[-2:],
+                                            taps=self.map_taps, combine=self.map_combine))

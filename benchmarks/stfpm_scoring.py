@@ -1,0 +1,134 @@
+"""Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
+
+    python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT]
+
+Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
+trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
+scored from them. The variants are ranked by the synthetic validation AUROC (validation images
+against defective copies of themselves, `training.data.synthetic_defects`); the test columns are
+measured beside it and never rank anything. Writes `benchmarks/results/stfpm_scoring-<run>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edge_ad.decide.thresholds import estimate_thresholds
+from edge_ad.ops.tool_cli import run_tool
+from training.config import StfpmConfig
+from training.metrics import compute_metrics, image_auroc
+from training.models.image_score import ImageScore
+from training.models.stfpm.anomaly_map import tap_distance
+from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
+from training.run_dir import load_model
+
+log = logging.getLogger("benchmarks.stfpm_scoring")
+RESULTS = Path(__file__).parent / "results"
+TAP_SETS = [(0, 1, 2), (0, 1), (1, 2), (0, 2), (0,), (1,), (2,)]
+COMBINES = ("product", "sum")
+SCORES = [("max", 0.01), ("topk", 0.01), ("topk", 0.001)]
+SIGMAS = (0.0, 4.0)
+
+
+@torch.no_grad()
+def tap_maps(model, batches, device) -> dict:
+    """(N, taps, H, W) per-tap discrepancy maps at input size, labels and the masks of `batches`."""
+    maps, labels, masks = [], [], []
+    for batch in tqdm(batches, desc="tap maps", unit="batch", leave=False):
+        images = batch["image"].to(device)
+        teacher, student = model.features(images)
+        per_tap = [F.interpolate(tap_distance(t, s), size=images.shape[-2:], mode="bilinear", align_corners=False)
+                   for t, s in zip(teacher, student)]
+        maps.append(torch.cat(per_tap, dim=1).cpu())
+        labels.append(batch["label"].numpy())
+        masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+    return {"maps": torch.cat(maps), "labels": np.concatenate(labels), "masks": np.concatenate(masks)}
+
+
+def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
+    chosen = per_tap[:, list(taps)]
+    return (chosen.prod(dim=1) if how == "product" else chosen.sum(dim=1)).unsqueeze(1)
+
+
+def score(per_tap: torch.Tensor, taps, how: str, scorer: ImageScore) -> tuple[np.ndarray, np.ndarray]:
+    amap, image_score = scorer(combine(per_tap, taps, how))
+    return amap[:, 0].numpy(), image_score.numpy()
+
+
+def evaluate(run_dir: Path, data_root: str | None) -> dict:
+    model, saved = load_model(run_dir)
+    known = {f.name for f in fields(StfpmConfig)}
+    config = StfpmConfig(**{k: v for k, v in saved.items() if k in known} | ({"data_root": data_root} if data_root else {}))
+    device = resolve_device("cpu")
+    data = prepare_data(config)
+    model = model.to(device)
+    sets = {
+        "validation": tap_maps(model, loader(data.validation, data, config), device),
+        "synthetic": tap_maps(model, synthetic_validation(data, config), device),
+        "test": tap_maps(model, loader(data.test, data, config), device),
+    }
+    rows = []
+    for taps, how, (reduction, fraction), sigma in itertools.product(TAP_SETS, COMBINES, SCORES, SIGMAS):
+        if len(taps) == 1 and how == "sum":
+            continue  # one tap: product and sum are the same map
+        scorer = ImageScore(sigma, reduction, fraction)
+        _, synthetic_scores = score(sets["synthetic"]["maps"], taps, how, scorer)
+        val_maps, val_scores = score(sets["validation"]["maps"], taps, how, scorer)
+        test_maps, test_scores = score(sets["test"]["maps"], taps, how, scorer)
+        thresholds = estimate_thresholds(val_scores, val_maps, config.target_fpr, config.pixel_fpr,
+                                         confidence=config.threshold_confidence)
+        with_masks = data.has_masks and bool(sets["test"]["masks"].any())
+        metrics = compute_metrics(sets["test"]["labels"], test_scores, thresholds.image,
+                                  masks=sets["test"]["masks"] if with_masks else None,
+                                  maps=test_maps if with_masks else None).to_dict()
+        rows.append({
+            "map_taps": ",".join(map(str, taps)), "map_combine": how, "score_reduction": reduction,
+            "topk_fraction": fraction, "smooth_sigma": sigma,
+            "synthetic_validation_auroc": image_auroc(sets["synthetic"]["labels"], synthetic_scores),
+            **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed",
+                                       "recall_deployed", "image_f1_optimal")},
+        })
+    rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
+    return {"run": str(run_dir), "category": config.category, "backbone": config.backbone, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC",
+             "| map taps | combine | score | sigma | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        score_name = "max" if r["score_reduction"] == "max" else f"top {r['topk_fraction']:.1%}"
+        pixel = "" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
+        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | "
+                     f"{r['synthetic_validation_auroc']:.3f} | {r['image_auroc']:.3f} | {pixel} | "
+                     f"{r['image_f1_deployed']:.2f} / {r['fpr_deployed']:.2f} / {r['recall_deployed']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="an STFPM run folder (runs/stfpm-...)")
+    parser.add_argument("--data-root", help="where the run's data lives now (default: the run's own)")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        result = evaluate(args.run, args.data_root)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"stfpm_scoring-{args.run.name}.json").write_text(json.dumps(result, indent=1))
+        print(table(result))
+
+    return run_tool(go, (ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
