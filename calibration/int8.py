@@ -79,6 +79,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe("recommended", "anomaly head and first convolution FP32, MIXED preset, 7-bit weights "
                "(OverflowFix.ENABLE), full BiasCorrection; head MatMul weights (DFM's PCA) INT8 weight-only",
                overflow_fix="enable", keep_first_conv_fp32=True, fast_bias_correction=False, compress_head_matmuls=True),
+        Recipe("recommended-w8", "'recommended' with 8-bit weights (OverflowFix.DISABLE): full weight resolution, "
+               "only for CPUs whose INT8 kernels do not saturate int16 (VNNI, AMX)",
+               overflow_fix="disable", keep_first_conv_fp32=True, fast_bias_correction=False, compress_head_matmuls=True),
         Recipe("weights-only", "nncf.compress_weights INT8_ASYM: weights INT8, activations FP32 (size, not speed)",
                weights_only=True),
     )

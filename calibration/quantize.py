@@ -167,7 +167,9 @@ def quantize_bundle(config: QuantizeConfig):
     """FP32 bundle -> INT8 bundle; returns (out folder, Bundle). See the module docstring."""
     import openvino as ov
 
-    from deploy.ir_eval import IrRunner, measure_ir
+    from deploy.ir_eval import IrRunner, predict_ir
+    from deploy.precision_check import check_bf16
+    from training.pipeline import test_metrics
     from edge_ad.model.bundle import read_bundle, write_bundle
     from training.data import data_fingerprint
     from edge_ad.decide.thresholds import estimate_thresholds
@@ -263,12 +265,11 @@ def quantize_bundle(config: QuantizeConfig):
 
     # Test split: FP32 and INT8 IR through the same measurement code.
     test = category.test
-    fp32_test = measure_ir(fp32_runner, test, spec, bundle.thresholds.image, category.has_masks, desc="fp32 IR test")
-    int8_test = measure_ir(int8_runner, test, spec, thresholds.image, category.has_masks, desc="int8 IR test")
-    test_images = load_images(test, spec)
-    _, fp32_scores = infer_all(fp32_runner.compiled, test_images)
-    _, int8_scores = infer_all(int8_runner.compiled, test_images)
-    rho = spearman(fp32_scores, int8_scores)
+    fp32_pred = predict_ir(fp32_runner, test, spec, desc="fp32 IR test")
+    fp32_test = test_metrics(fp32_pred, bundle.thresholds.image, category.has_masks)
+    int8_pred = predict_ir(int8_runner, test, spec, desc="int8 IR test")
+    int8_test = test_metrics(int8_pred, thresholds.image, category.has_masks)
+    rho = spearman(fp32_pred.scores, int8_pred.scores)
     image_drop = fp32_test["image_auroc"] - int8_test["image_auroc"]
     pixel_drop = None if fp32_test["pixel_auroc"] is None else fp32_test["pixel_auroc"] - int8_test["pixel_auroc"]
     int8_test.update(
@@ -299,6 +300,10 @@ def quantize_bundle(config: QuantizeConfig):
     elif latency and not faster:
         log.warning("INT8 is not faster than FP32 on this CPU: it does not pay off here")
 
+    # The INT8 IR's f32 parts (head, first convolution) in bf16 vs f32, at the INT8 thresholds.
+    bf16_check = check_bf16(out / bundle.model.xml, test, all_validation, spec, thresholds.image, category.has_masks,
+                            int8_pred, q_scores, core)
+
     previous_thresholds = asdict(bundle.thresholds)
     existing = dict(bundle.metrics)
     existing.setdefault("fp32_ir", {**fp32_test, "data_fingerprint": fingerprint})
@@ -306,6 +311,7 @@ def quantize_bundle(config: QuantizeConfig):
     bundle.metrics = existing
     bundle.thresholds = thresholds
     bundle.model.precision = "int8"
+    bundle.precision_checks = {"bf16": bf16_check}  # the FP32 bundle's check is not this model's
     bundle.calibration = {
         "method": method,
         "mode": config.mode,

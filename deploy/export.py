@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import edge_ad
-from deploy.ir_eval import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, IrError, IrRunner, measure_ir
+from deploy.ir_eval import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, IrError, IrRunner, predict_ir
+from deploy.precision_check import check_bf16, not_verified, validation_images
 from edge_ad.model.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
 from edge_ad.model.signing import add_sign_key_option, signing
 from edge_ad.model.preprocess import PreprocessSpec
@@ -192,7 +193,7 @@ def build_bundle_metadata(
         raise ExportError(f"run config/metrics incomplete: {exc}") from exc
     return Bundle(
         model=model,
-        preprocess=PreprocessSpec.square(int(config["image_size"])),
+        preprocess=PreprocessSpec.square(int(config["image_size"]), config.get("fit", "stretch")),
         thresholds=thresholds,
         training=training,
         metrics={"torch": torch_metrics(run_metrics), **(measured or {})},
@@ -250,7 +251,7 @@ def export_run(
     check_out_dir(out_dir, force)
     model, config = load_model(run_dir)
     run_metrics = read_json(run_dir, METRICS_FILE)
-    spec = PreprocessSpec.square(int(config["image_size"]))
+    spec = PreprocessSpec.square(int(config["image_size"]), config.get("fit", "stretch"))
     root = _resolve_data_root(config, data_root)
     prepare_out_dir(out_dir, force)
 
@@ -283,9 +284,14 @@ def export_run(
         )
 
     measured: dict[str, dict] = {}
+    checks = {"bf16": not_verified("not verified: the IR was not measured (--no-measure or no data)")}
     if measure and category is not None:
+        from training.pipeline import test_metrics
+
         thresholds = run_metrics.get("thresholds") or {}
-        metrics = measure_ir(runner, category.test, spec, float(thresholds.get("image", np.inf)), category.has_masks, desc=f"{precision} IR test")
+        image_threshold = float(thresholds.get("image", np.inf))
+        predictions = predict_ir(runner, category.test, spec, desc=f"{precision} IR test")
+        metrics = test_metrics(predictions, image_threshold, category.has_masks)
         fingerprint = data_fingerprint(category.train + category.test)
         metrics["data_fingerprint"] = fingerprint
         if fingerprint != run_metrics.get("data_fingerprint"):
@@ -297,10 +303,15 @@ def export_run(
             "%s IR: image AUROC %.4f (torch %.4f), pixel AUROC %s",
             precision, metrics["image_auroc"], run_metrics.get("image_auroc", float("nan")), "n/a" if pixel is None else f"{pixel:.4f}",
         )
+        val_images = validation_images(category.train, float(config["validation_fraction"]), int(config["seed"]), spec)
+        _, val_scores = runner.infer(val_images)
+        checks["bf16"] = check_bf16(xml, category.test, val_images, spec, image_threshold, category.has_masks,
+                                    predictions, val_scores)
     elif not measure:
         log.info("--no-measure: IR metrics not measured")
 
     bundle = build_bundle_metadata(config, run_metrics, precision, measured)
+    bundle.precision_checks = checks
     path = write_bundle(out_dir, bundle)
     log.info("wrote %s in %.1f s", path, time.perf_counter() - started)
     return out_dir

@@ -94,6 +94,17 @@ def test_int8_bundle_is_complete_and_verifies(int8_bundle, tiny_fp32_bundle, tin
     assert fp32.model.precision == "fp32"
 
 
+def test_int8_bundle_records_its_own_bf16_check(int8_bundle, tiny_fp32_bundle):
+    """The INT8 IR's f32 parts in bf16 vs f32, on the validation and test images: not the FP32 bundle's check."""
+    from edge_ad.model.precision import cpu_has_bf16
+
+    check, fp32_check = (read_bundle(b).precision_checks["bf16"] for b in (int8_bundle, tiny_fp32_bundle))
+    assert check.measured == cpu_has_bf16(ov.Core())
+    if check.measured:
+        assert check.validation_images == read_bundle(int8_bundle).calibration["validation_agreement"]["n_images"]
+        assert check.test_images == 12 and check != fp32_check
+
+
 def test_anomaly_head_and_first_convolution_stay_fp32(int8_bundle, tiny_fp32_bundle):
     """No quantizer feeds the map head (normalize, distance, upsample, product, max) or the first convs."""
     parts = split_graph(ov.Core().read_model(str(tiny_fp32_bundle / "model.xml")))

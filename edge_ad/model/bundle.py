@@ -21,6 +21,13 @@ from pathlib import Path
 from edge_ad.model.preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
+# 2: the same fields, with a preprocess.fit other than stretch. Only such bundles are written as 2, so a
+# runtime from before `fit` existed refuses them ("upgrade edge-ad") instead of silently stretching frames.
+SUPPORTED_SCHEMAS = (1, 2)
+
+
+def required_schema(preprocess: PreprocessSpec) -> int:
+    return 1 if preprocess.fit == "stretch" else 2
 BUNDLE_FILE = "bundle.json"
 
 
@@ -71,6 +78,32 @@ class TrainingInfo:
 
 
 @dataclass
+class PrecisionCheck:
+    """The bundle's IR compiled with another CPU inference precision (INFERENCE_PRECISION_HINT) against f32.
+
+    Measured at export / INT8 calibration on the images the INT8 check uses, with the INT8
+    tolerances; the runtime's `--inference-precision auto` runs that precision only if `verified`
+    (bf16 changes raw scores, and the thresholds were set on f32 ones).
+    """
+
+    precision: str  # "bf16"
+    measured: bool  # False: the exporting CPU could not run it (`reason` says why)
+    verified: bool  # measured and within every tolerance below
+    reason: str  # one line, for the runtime's log
+    cpu: str = ""  # the CPU it was measured on
+    image_auroc_delta: float | None = None  # this precision - f32, test split
+    pixel_auroc_delta: float | None = None
+    spearman: float | None = None  # of test image scores vs f32
+    max_score_deviation: float | None = None  # max |score - f32 score| / |image threshold|, validation + test
+    max_validation_deviation: float | None = None  # the same over the validation (normal) images only
+    validation_decisions_agree: bool | None = None  # every validation image on the same side of the threshold
+    test_decision_agreement: float | None = None  # share of test images on the same side (reported, not a gate)
+    validation_images: int = 0
+    test_images: int = 0
+    tolerances: dict = field(default_factory=dict)
+
+
+@dataclass
 class Bundle:
     model: ModelInfo
     preprocess: PreprocessSpec
@@ -79,6 +112,7 @@ class Bundle:
     # {"torch": {...}, "fp32_ir": {...}, "int8_ir": {...}}: same test images for each
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration: dict | None = None
+    precision_checks: dict[str, PrecisionCheck] = field(default_factory=dict)  # "bf16" -> check; absent: not measured
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     versions: dict[str, str] = field(default_factory=dict)
     created_utc: str = ""
@@ -101,12 +135,14 @@ class Bundle:
                 training=TrainingInfo(**data["training"]),
                 metrics=data.get("metrics", {}),
                 calibration=data.get("calibration"),
+                precision_checks={name: PrecisionCheck(**check)
+                                  for name, check in (data.get("precision_checks") or {}).items()},
                 files=data.get("files", {}),
                 versions=data.get("versions", {}),
                 created_utc=data.get("created_utc", ""),
                 schema_version=data["schema_version"],
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"bundle.json is malformed: {exc}") from exc
 
 
@@ -129,6 +165,7 @@ def write_bundle(folder: str | Path, bundle: Bundle) -> Path:
     folder = Path(folder)
     names = [bundle.model.xml, bundle.model.bin]
     bundle.files = {name: sha256_file(folder / name) for name in names}
+    bundle.schema_version = required_schema(bundle.preprocess)
     if not bundle.created_utc:
         bundle.created_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = folder / BUNDLE_FILE
@@ -153,10 +190,10 @@ def read_bundle(folder: str | Path, verify: bool = True) -> Bundle:
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a JSON object")
     version = data.get("schema_version")
-    if type(version) is not int or version != SCHEMA_VERSION:
+    if type(version) is not int or version not in SUPPORTED_SCHEMAS:
         raise BundleError(
             f"bundle schema version {version!r} is not supported by this runtime "
-            f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edge-ad"
+            f"(supports {', '.join(map(str, SUPPORTED_SCHEMAS))}); re-export the bundle or upgrade edge-ad"
         )
     bundle = Bundle.from_dict(data)
     if verify:

@@ -10,9 +10,10 @@ The compiled model takes the resized frame as it is, uint8 NHWC BGR: colour
 order, float conversion, scaling and layout are prepended to the graph with
 OpenVINO's PrePostProcessor, so the host only resizes (`resize_for_model`)
 and the rest runs on the inference threads, fused with the first layer.
-On CPU, inference precision is pinned to f32 by default: on CPUs with bf16
-(AMX, AVX512-BF16) OpenVINO would otherwise run FP32 IRs in bf16, and field
-scores would no longer match the bundle's measured FP32 metrics and thresholds.
+On CPU, inference precision is f32 unless the bundle verified bf16 and the CPU has
+it (`auto`, edge_ad.model.precision): on CPUs with bf16 (AMX, AVX512-BF16) OpenVINO
+would otherwise run FP32 IRs in bf16 unchecked, and field scores would no longer
+match the bundle's measured FP32 metrics and thresholds.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from edge_ad.model.bundle import Bundle, BundleError, read_bundle, safe_member
 from edge_ad.errors import InferenceError, UsageError
-from edge_ad.model.preprocess import FrameError, PreprocessSpec, preprocess, resize_for_model
+from edge_ad.model.precision import choose_precision
+from edge_ad.model.preprocess import FITS, FrameError, PreprocessSpec, frame_aligned_map, preprocess, resize_for_model
 from edge_ad.sources.capture import Frame
 
 log = logging.getLogger("edge_ad.inference")
 
 PERFORMANCE_MODES = {"latency": hints.PerformanceMode.LATENCY, "throughput": hints.PerformanceMode.THROUGHPUT}
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
-PRECISIONS = ("auto", "f32", "bf16", "f16")  # INFERENCE_PRECISION_HINT; auto = OpenVINO's choice
+PRECISIONS = ("auto", "f32", "bf16", "f16")  # INFERENCE_PRECISION_HINT; for compile_options auto = OpenVINO's choice
 _PRECISION_TYPES = {"f32": ov.Type.f32, "bf16": ov.Type.bf16, "f16": ov.Type.f16}
 
 
@@ -51,7 +53,7 @@ class Result:
 
     seq: int
     frame: Frame
-    anomaly_map: np.ndarray | None  # (H, W) raw, model size
+    anomaly_map: np.ndarray | None  # (H, W) raw, model size; letterbox/crop: aligned to the frame (frame_aligned_map)
     score: float  # raw
     latency: float  # seconds from submission to completion
     error: str | None = None
@@ -107,6 +109,8 @@ def check_runtime_fields(bundle: Bundle) -> None:
         raise BundleError(f"bundle.json preprocess.scale must be a positive number, got {spec.scale!r}")
     if spec.color not in ("RGB", "BGR"):
         raise BundleError(f"bundle.json preprocess.color must be RGB or BGR, got {spec.color!r}")
+    if spec.fit not in FITS:
+        raise BundleError(f"bundle.json preprocess.fit must be one of {', '.join(FITS)}, got {spec.fit!r}")
     thresholds = bundle.thresholds
     for name in ("image", "pixel", "image_min", "image_max", "pixel_min", "pixel_max"):
         value = getattr(thresholds, name)
@@ -175,6 +179,7 @@ class CompiledBundle:
     optimal_requests: int
     precision: str  # the compiled model's INFERENCE_PRECISION_HINT
     streams: int | None
+    precision_reason: str = ""  # why that precision (edge_ad.model.precision.choose_precision)
 
     def example_input(self, seed: int = 0) -> np.ndarray:
         """A random input of the right type and shape (batch of one), for warm-up and benchmarks."""
@@ -188,6 +193,9 @@ def compile_bundle(bundle_dir: str | Path, device: str = "CPU", mode: str = "lat
     """Read, verify and compile a bundle with uint8 input; falls back to host preprocessing if the IR refuses it."""
     core = core or ov.Core()
     bundle, model = load_model(bundle_dir, core)
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"inference precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision, reason = choose_precision(precision, device, bundle, core)
     spec = bundle.preprocess
     prepare, host_input = resize_for_model, "uint8 NHWC BGR (pixel conversion in the model)"
     try:
@@ -205,7 +213,8 @@ def compile_bundle(bundle_dir: str | Path, device: str = "CPU", mode: str = "lat
         streams = int(compiled.get_property(props.num_streams))
     except (RuntimeError, TypeError, ValueError):
         streams = None
-    return CompiledBundle(bundle, compiled, prepare, host_input, optimal, used, streams)
+    log.info("inference precision %s: %s", used, reason)
+    return CompiledBundle(bundle, compiled, prepare, host_input, optimal, used, streams, reason)
 
 
 class Detector:
@@ -216,22 +225,29 @@ class Detector:
     order) so that decoding the next frame overlaps resizing this one.
     """
 
-    def __init__(self, bundle_dir: str | Path, device: str = "CPU", mode: str = "latency", requests: int = 0,
-                 result_queue_size: int = 64, precision: str | None = None):
-        self.core = ov.Core()
+    def __init__(self, bundle_dir: str | Path | None, device: str = "CPU", mode: str = "latency", requests: int = 0,
+                 result_queue_size: int = 64, precision: str | None = None, built: CompiledBundle | None = None,
+                 infer_queue=None):
+        """`built`: a model compiled already (cameras of one process share it, each with its own results, so its
+        frames stay in order); bundle_dir and precision are then not used. `infer_queue`: a camera's view of a
+        queue shared with the other cameras (edge_ad.model.shared_queue) instead of a queue of its own."""
+        self.core = ov.Core() if built is None else None
         self.device, self.mode = device, mode
-        built = compile_bundle(bundle_dir, device, mode, precision, self.core)
+        built = built or compile_bundle(bundle_dir, device, mode, precision, self.core)
         self.bundle, self.compiled = built.bundle, built.compiled
         self._prepare_image = built.prepare
         self.host_input, self.precision, self.streams = built.host_input, built.precision, built.streams
+        self.precision_reason = built.precision_reason
         self.optimal_requests = built.optimal_requests
         self.requests = requests or built.optimal_requests
-        self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        self.queue = infer_queue if infer_queue is not None else ov.AsyncInferQueue(self.compiled, self.requests)
         self.queue.set_callback(self._on_done)
         self._input = self.bundle.model.input_name
         self._map_port = self.compiled.output(self.bundle.model.outputs[0])
         self._score_port = self.compiled.output(self.bundle.model.outputs[1])
         self.results: queue.Queue[Result | None] = queue.Queue(maxsize=max(result_queue_size, 2 * self.requests))
+        if hasattr(self.queue, "deliver_to"):  # a shared queue's callbacks must not block on a full `results`
+            self.queue.deliver_to(self.results)
         self._seq = 0
         self._lock = threading.Lock()
         self._in_flight = 0  # started, callback not yet finished
@@ -307,7 +323,11 @@ class Detector:
         try:
             amap = np.array(request.get_tensor(self._map_port).data, dtype=np.float32, copy=True)
             score = float(np.asarray(request.get_tensor(self._score_port).data).reshape(-1)[0])
-            result = Result(seq, frame, amap.reshape(amap.shape[-2:]), score, latency)
+            amap = amap.reshape(amap.shape[-2:])
+            spec = self.bundle.preprocess
+            if spec.fit != "stretch":  # letterbox/crop: from here on the map's grid covers exactly the frame
+                amap = frame_aligned_map(amap, frame.image.shape[0], frame.image.shape[1], spec)
+            result = Result(seq, frame, amap, score, latency)
         except Exception as exc:  # keep the sequence complete so the consumer never waits forever
             result = Result(seq, frame, None, float("nan"), latency, error=_first_line(exc))
         self._finish(result)

@@ -88,6 +88,7 @@ def benchmark(bundle_dir: str | Path, device: str = "CPU", mode: str = "latency"
         "input": f"1x3x{spec.height}x{spec.width}",
         "host_input": built.host_input,
         "inference_precision": built.precision,
+        "inference_precision_reason": built.precision_reason,
         "streams": built.streams,
         "latency_ms": _summary_ms(latencies),
         "latency_requests": len(latencies),
@@ -109,6 +110,7 @@ def format_report(result: dict) -> str:
         f"on {result['device']}, {result['mode']} mode, input {result['input']}, OpenVINO {result['openvino']}",
         f"  compiled    inference precision {result['inference_precision']}, {result['streams']} stream(s), "
         f"host input {result['host_input']}",
+        f"  precision   {result['inference_precision_reason']}",
         f"  latency     median {lat['median']:.2f} ms   p99 {lat['p99']:.2f} ms   "
         f"(min {lat['min']:.2f}, max {lat['max']:.2f}; {result['latency_requests']} sync requests)",
         f"  throughput  {result['throughput_fps']:.1f} fps   ({result['requests_in_flight']} requests in flight, "
