@@ -36,6 +36,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def bridge(name: str, address: str, topic: str = "edge-ad/#", remote_clientid: str | None = None,
+           keepalive: int = 60, restart_timeout: str = "5 30") -> str:
+    """mosquitto.conf lines for a bridge forwarding `topic` to a plant broker at `address` (host:port): QoS 1 and a
+    persistent session (cleansession false), so what arrives while the plant broker or the link is away is queued
+    here (persistent=True keeps that queue across a restart). Pass it in `extra`; docs/PLANT.md shows it."""
+    return (f"connection {name}\naddress {address}\ntopic {topic} out 1\ncleansession false\n"
+            f"remote_clientid {remote_clientid or name}\nkeepalive_interval {keepalive}\n"
+            f"restart_timeout {restart_timeout}\nstart_type automatic\nnotifications true\n")
+
+
 class Mosquitto:
     """`extra` is appended to the generated mosquitto.conf (auth, TLS listeners, ACLs)."""
 

@@ -21,6 +21,8 @@ from edge_ad.ops.config import RunConfig
 from edge_ad.errors import ConfigError
 from edge_ad.deliver.events import Topics, model_identity, status_payload
 from edge_ad.model.inference import Detector
+from edge_ad.model.swap import SwappableDetector
+from edge_ad.ops.control import attach as attach_commands, startup_model
 from edge_ad.deliver.mqtt import MqttSettings
 from edge_ad.deliver.outbox import Outbox, default_path
 from edge_ad.pipeline import Pipeline
@@ -34,6 +36,7 @@ from edge_ad.deliver.snapshots import SnapshotWriter
 from edge_ad.sources.capture import Backoff, safe_id, open_source
 from edge_ad.model.signing import check_bundle
 from edge_ad.ops.credentials import stream_url, warn_cleartext
+from edge_ad.ops.metrics import CameraMetrics, MetricsServer
 from edge_ad.ops.stats import RuntimeStats
 from edge_ad.ops.statusline import StatusLine
 from edge_ad.decide.drift import DriftReference, DriftWatch
@@ -41,6 +44,7 @@ from edge_ad.decide.part_policy import PartInspector
 from edge_ad.deliver.outbox import state_dir
 from edge_ad.sources.trigger import TriggeredSource, read_stdin_triggers
 from edge_ad.sources.watch import WatchedFolderSource, default_ledger
+from edge_ad.view.server import LiveView
 
 log = logging.getLogger("edge_ad")
 MB = 1024 * 1024
@@ -81,18 +85,22 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def run(config: RunConfig) -> int:
-    """Run detection until the source ends, --max-frames, or a signal; returns the exit code."""
-    stop = threading.Event()
+def run(config: RunConfig, detector: Detector | None = None, stop: threading.Event | None = None,
+        status_line: StatusLine | None = None, stats: RuntimeStats | None = None) -> int:
+    """Run detection until the source ends, --max-frames, or a signal; returns the exit code. One camera: several
+    in one process (edge_ad.multicamera) pass a detector on a shared compiled model, their stop and status line."""
+    stop = stop or threading.Event()
     roi = None
     if config.roi_mask:
         try:
             roi = RoiMask.load(config.roi_mask)
         except ValueError as exc:
             raise ConfigError(f"--roi-mask: {exc}") from None
-    check_bundle(config.model, config.bundle_public_key)  # with a key configured: signed, by it, unchanged
-    detector = Detector(config.model, device=config.device, mode=config.mode, requests=config.requests,
-                        precision=config.inference_precision)
+    if detector is None:
+        model_dir = startup_model(config)  # a bundle deployed by a remote command replaces --model (logged)
+        check_bundle(model_dir, config.bundle_public_key)  # with a key configured: signed, by it, unchanged
+        detector = SwappableDetector(model_dir, device=config.device, mode=config.mode, requests=config.requests,
+                                     precision=config.inference_precision)
     bundle = detector.bundle
     log.info("model %s/%s %s from %s on %s (%s mode, %d request(s) in flight, OpenVINO optimum %d, %s streams, "
              "inference precision %s, input %s)", bundle.model.algorithm, bundle.model.backbone,
@@ -107,7 +115,7 @@ def run(config: RunConfig) -> int:
         raise ConfigError(str(exc)) from None
 
     sinks = Sinks([])
-    status = _StatusReporter(sinks, model_identity(bundle))
+    status = _StatusReporter(sinks, {**model_identity(bundle), "inference_precision": detector.precision})
     source = open_source(config.camera, stream_url(config.video, config.video_password_file), config.images,
                          realtime=config.realtime,
                          backoff=Backoff(config.source_retries, config.retry_delay, config.retry_max_delay),
@@ -122,11 +130,14 @@ def run(config: RunConfig) -> int:
                                    reserve_bytes=int(config.disk_reserve_mb * MB)) if config.snapshots else None
     except OSError as exc:
         raise ConfigError(f"cannot create --snapshots folder {config.snapshots}: {exc.strerror or exc}") from None
-    stats = RuntimeStats()
+    stats = stats or RuntimeStats()
     parts, drift, health = _part_mode(config, source, sinks, topics, status, scorer, snapshots)
     with _Signals(stop):
         reason = "shutdown"
+        metrics = view = remote = camera_view = None
         try:
+            view = LiveView.for_config(config)  # --http: one live view for every camera of the process
+            metrics = MetricsServer.for_config(config)  # before anything connects: a port in use is a ConfigError
             if config.jsonl or not config.mqtt_host:
                 sinks.sinks.append(JsonlSink(config.jsonl or "-", max_bytes=int(config.jsonl_max_mb * MB),
                                              backups=config.jsonl_backups))
@@ -147,6 +158,8 @@ def run(config: RunConfig) -> int:
                 if config.trigger == "mqtt":
                     mqtt_sink.subscribe(topics.trigger, source.on_message)
                     log.info("per-part: one frame per message on %s", topics.trigger)
+                remote = attach_commands(config, detector, scorer, status.model, topics, mqtt_sink, drift,
+                                         announce=status.refresh)  # <camera>/cmd: edge_ad.ops.control
             if config.opcua_url:  # last: it only records values; its own thread writes them
                 from edge_ad.deliver.opcua_sink import OpcUaSettings, OpcUaSink  # optional extra (asyncua)
 
@@ -154,22 +167,39 @@ def run(config: RunConfig) -> int:
                     OpcUaSettings(config.opcua_url, config.opcua_namespace, config.opcua_node_prefix,
                                   config.opcua_username, config.opcua_password_file),
                     on_health=lambda problem: status.set("opcua", problem)))
+            if metrics is not None:  # per camera: read at scrape time, nothing added to the frame path
+                delivery = mqtt_sink.delivery if config.mqtt_host else None
+                metrics.add(CameraMetrics(topics.device, topics.camera, stats, status.model, health=health,
+                                          camera_up=lambda: "camera" not in status.problems,
+                                          delivered=(lambda: delivery.delivered) if delivery else None))
+            camera_view = view and view.add_camera(topics, scorer, stats, health, config.roi_mask)
+            if camera_view:  # the page's last alerts; its observer keeps the latest frame (no cost without viewers)
+                sinks.sinks.append(camera_view.alerts)
             status("online")
             source.open()
             if config.trigger == "stdin":
                 read_stdin_triggers(source)
-            with StatusLine(sys.stderr, config.status_interval) as line:
+            with status_line or StatusLine(sys.stderr, config.status_interval) as line:
                 pipeline = Pipeline(detector=detector, source=source, scorer=scorer, policy=policy, sinks=sinks,
                                     topics=topics, model=status.model, stop=stop, stats=stats,
                                     snapshots=snapshots, max_frames=config.max_frames, heartbeat=config.heartbeat,
-                                    status_line=line, health=health, parts=parts, drift=drift)
+                                    status_line=line, health=health, parts=parts, drift=drift,
+                                    observers=[camera_view.observe] if camera_view else [],
+                                    before_decide=remote.before_decide if remote else [])
+                pipeline.observers += remote.observers if remote else []
                 pipeline.run()
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             raise
         finally:
+            if remote is not None:
+                remote.close()
             status("offline", reason)
             sinks.close()
+            if metrics is not None:
+                metrics.release(topics.device, topics.camera)
+            if view is not None:
+                view.release(camera_view)  # only this run's entry
     log.info("done: %s", stats.line())
     if sinks.unstored:
         log.error("%d alert(s)/all-clear(s) could not be stored by every output (see the errors above)",
@@ -225,6 +255,12 @@ class _StatusReporter:
         self._last = (state, reason)
         self.sinks.publish("status", status_payload(state, device=self.topics.device, camera=self.topics.camera,
                                                     reason=reason, model=self.model))
+
+    def refresh(self) -> None:
+        """Publish the status again (the model changed: a remote deploy)."""
+        with self._lock:
+            self._last = None
+            self._publish()
 
     def health(self) -> dict:
         """Heartbeat fields: state (and why), alerts no output could store, outbox figures."""

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from edge_ad.errors import SourceError
@@ -137,6 +137,12 @@ class Pipeline:
     prepare_threads: int = 0  # 0 = default_prepare_threads()
     parts: "PartInspector | None" = None  # per-part mode: one verdict per frame instead of the alert policy
     drift: "DriftWatch | None" = None  # fed the raw scores of normal frames
+    # Called as observer(result, decision) after each decision, in the decision thread: the live view, the
+    # snapshot command. They must be quick and must not raise (an exception is logged and the frame still counts).
+    observers: list[Callable] = field(default_factory=list)
+    # Called as hook(result) before each frame's decision (decision thread): the frame boundary where remote
+    # threshold changes and a swapped model's thresholds take effect (edge_ad.ops.control). Must not raise.
+    before_decide: list[Callable] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._last_alert_id: str | None = None
@@ -213,6 +219,8 @@ class Pipeline:
 
     def _handle(self, result: Result) -> None:
         frame = result.frame
+        for hook in self.before_decide:
+            hook(result)
         if result.error is not None:
             errors = self.stats.error()
             if errors == 1 or errors % 100 == 0:
@@ -226,6 +234,11 @@ class Pipeline:
         self.stats.frame_done(result.latency, time.monotonic() - frame.captured, decision.anomalous)
         if self.drift is not None and not decision.anomalous:
             self.drift.add(decision.raw_score)
+        for observer in self.observers:
+            try:
+                observer(result, decision)
+            except Exception:
+                log.exception("observer %r failed on frame %d", observer, frame.index)
         if self.parts is not None:
             if self.parts.decide(result, decision)["verdict"] == "NOK":
                 self.stats.alerts += 1

@@ -16,6 +16,8 @@ KNOWN = {
     "mosquitto": "the mosquitto broker and its tools (apt-get install mosquitto mosquitto-clients openssl)",
     "mvtec": "the real MVTec AD data (../shared/data/mvtec_ad or $EDGE_AD_MVTEC_ROOT)",
     "opcua": 'the asyncua package (pip install "edge-ad[opcua]"; scripts/setup.sh installs it)',
+    "browser": "headless Chromium, its WebDriver and Selenium (apt-get install chromium chromium-driver; "
+               'pip install selenium, in the [dev] extra)',
 }
 ENV = "EDGE_AD_REQUIRE"
 

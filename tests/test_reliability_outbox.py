@@ -119,6 +119,18 @@ def test_default_location(monkeypatch, tmp_path):
     assert default_path("a", "b") == tmp_path / ".local" / "state" / "edge-ad" / "outbox-a-b.sqlite"
 
 
+def test_state_names_do_not_collide_and_keep_old_outboxes(monkeypatch, tmp_path):
+    from edge_ad.deliver.outbox import state_name
+
+    ids = [("a-b", "c"), ("a", "b-c"), ("a%2Db", "c"), ("a-", "-b"), ("a", "--b"), ("line3", "cam0")]
+    assert len({state_name(*pair) for pair in ids}) == len(ids)  # before: a-b-c twice
+    assert state_name("line3", "cam0") == "line3-cam0"  # unchanged names for ids without '-' or '%'
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    assert default_path("a-b", "c") != default_path("a", "b-c")
+    (tmp_path / "outbox-line-3-cam0.sqlite").write_bytes(b"")  # an outbox from before: still found
+    assert default_path("line-3", "cam0") == tmp_path / "outbox-line-3-cam0.sqlite"
+
+
 # -- a healthy outbox that cannot be used right now is kept, never moved aside -----------------------------
 
 def filled(path, rows: int = 3) -> list[str]:

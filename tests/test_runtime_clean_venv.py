@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 pytestmark = pytest.mark.slow
 
 TRAIN_ONLY = {"torch", "torchvision", "nncf", "scikit-learn", "sklearn"}
-RUNTIME_DEPS = {"openvino", "numpy", "opencv-python-headless", "paho-mqtt", "cryptography"}
+RUNTIME_DEPS = {"openvino", "numpy", "opencv-python-headless", "paho-mqtt", "cryptography", "prometheus-client"}
 # pip's wording when no package index can be reached (offline machine, proxy, DNS).
 NETWORK_ERRORS = (
     "NewConnectionError", "ConnectionError", "Connection refused", "Max retries exceeded",

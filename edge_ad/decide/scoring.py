@@ -46,8 +46,12 @@ class Scorer:
         self.image_threshold_raw = raw_threshold(image_threshold, t.image, t.image_min, t.image_max)
         self.pixel_threshold_raw = raw_threshold(pixel_threshold, t.pixel, t.pixel_min, t.pixel_max)
         self.min_area = int(min_area)
-        self.roi = roi
         self.max_regions = int(max_regions)
+        self.set_roi(roi)
+
+    def set_roi(self, roi: RoiMask | None) -> None:
+        """Change the inspected region while running (the live view's editor); the next frame uses it."""
+        self.roi = roi
         self.require_region = roi is not None or self.min_area > 1
 
     def normalize_score(self, raw: float) -> float:

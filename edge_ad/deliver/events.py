@@ -26,43 +26,30 @@ def utc_iso(moment: datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """Every topic is per camera: `<root>/<device>/<camera>/alert|clear|status|heartbeat`.
+    """Every topic is per camera: `<root>/<device>/<camera>/<name>`.
 
-    One process serves one camera, and MQTT gives one last will per connection, so
-    status (retained, will `offline`) and heartbeat are per camera too: two cameras on
-    one PC never overwrite each other's state. There is no device-level status topic;
-    the device's view is the retained `<root>/<device>/+/status` (see docs/RELIABILITY.md).
+    MQTT gives one last will per connection and each camera has its own connection (also when
+    several cameras run in one process), so status (retained, will `offline`) and heartbeat are
+    per camera too: two cameras on one PC never overwrite each other's state. There is no
+    device-level status topic; the device's view is the retained `<root>/<device>/+/status`.
     """
 
     root: str
     device: str
     camera: str
 
-    @property
-    def alert(self) -> str:
-        return f"{self.root}/{self.device}/{self.camera}/alert"
+    def _topic(self, name: str) -> str:
+        return f"{self.root}/{self.device}/{self.camera}/{name}"
 
-    @property
-    def clear(self) -> str:
-        return f"{self.root}/{self.device}/{self.camera}/clear"
-
-    @property
-    def verdict(self) -> str:
-        """One verdict per inspected part (per-part mode), QoS 1 through the outbox."""
-        return f"{self.root}/{self.device}/{self.camera}/verdict"
-
-    @property
-    def trigger(self) -> str:
-        """In: inspect the next frame (per-part mode with --trigger mqtt)."""
-        return f"{self.root}/{self.device}/{self.camera}/trigger"
-
-    @property
-    def status(self) -> str:
-        return f"{self.root}/{self.device}/{self.camera}/status"
-
-    @property
-    def heartbeat(self) -> str:
-        return f"{self.root}/{self.device}/{self.camera}/heartbeat"
+    alert = property(lambda self: self._topic("alert"))
+    clear = property(lambda self: self._topic("clear"))
+    verdict = property(lambda self: self._topic("verdict"))  # one per inspected part, through the outbox
+    trigger = property(lambda self: self._topic("trigger"))  # in: inspect the next frame (--trigger mqtt)
+    cmd = property(lambda self: self._topic("cmd"))  # in: remote commands (edge_ad.ops.commands)
+    cmd_result = property(lambda self: self._topic("cmd/result"))
+    snapshot = property(lambda self: self._topic("snapshot"))  # out: the JPEG a `snapshot` command asked for
+    status = property(lambda self: self._topic("status"))
+    heartbeat = property(lambda self: self._topic("heartbeat"))
 
     def for_event(self, event: str) -> str:
         return getattr(self, event)

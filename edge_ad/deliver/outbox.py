@@ -102,9 +102,25 @@ def state_dir() -> Path:
     return Path(base) / "edge-ad"
 
 
+def state_name(device: str, camera: str) -> str:
+    """`device-camera` for state-file names, collision-free: '%' and '-' inside an id are percent-encoded
+    (line-3/cam0 -> line%2D3-cam0, so it differs from line/3-cam0 -> line-3%2Dcam0); ids without them keep
+    the names earlier versions used (line3-cam0)."""
+    def quoted(part: str) -> str:
+        return part.replace("%", "%25").replace("-", "%2D")
+    return f"{quoted(device)}-{quoted(camera)}"
+
+
 def default_path(device: str, camera: str) -> Path:
-    """One outbox per device and camera, so two edge-ad processes never share one."""
-    return state_dir() / f"outbox-{device}-{camera}.sqlite"
+    """One outbox per device and camera, so two edge-ad processes never share one. An outbox stored under the
+    name earlier versions gave hyphenated ids (which could collide) is still used, so no pending alert is lost."""
+    path = state_dir() / f"outbox-{state_name(device, camera)}.sqlite"
+    legacy = state_dir() / f"outbox-{device}-{camera}.sqlite"
+    if legacy != path and not path.exists() and legacy.exists():
+        log.warning("using the outbox %s (named as before edge-ad made hyphenated ids unambiguous); "
+                    "move it to %s once it is empty", legacy, path)
+        return legacy
+    return path
 
 
 class Outbox:

@@ -33,9 +33,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-PRECISION_HELP = ("OpenVINO inference precision; auto = the device's own choice, which on CPUs with bf16 "
-                  "(AMX, AVX512-BF16) runs FP32 models in bf16 (default: f32 on CPU, so scores match the "
-                  "bundle's measured FP32 metrics and thresholds; auto elsewhere)")
+PRECISION_HELP = ("OpenVINO inference precision (default auto: on CPU bf16 if the CPU has it and the bundle "
+                  "verified it at export, else f32, the precision its thresholds were set in; other devices: "
+                  "their own choice); f32, bf16, f16 pin it")
 
 
 def _d(name: str) -> str:
@@ -197,6 +197,11 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
                           "$STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite)")
     out.add_argument("--outbox-max", type=int, metavar="N",
                      help="most alerts kept while the broker is away; then the oldest are dropped" + _d("outbox_max"))
+    out.add_argument("--commands", action=argparse.BooleanOptionalAction,
+                     help="accept remote commands on <root>/<device>/<camera>/cmd (set-thresholds, reload, snapshot, "
+                          "teach, deploy), answered on .../cmd/result" + _d("commands"))
+    out.add_argument("--deploy-max-mb", type=float, metavar="MB",
+                     help="largest bundle archive a deploy command downloads" + _d("deploy_max_mb"))
 
     _add_mqtt_connection(parser.add_argument_group("MQTT broker"))
     opc = parser.add_argument_group("OPC UA (pip install \"edge-ad[opcua]\")")
@@ -211,12 +216,21 @@ def run_parser(prog: str = "edge-ad") -> argparse.ArgumentParser:
     opc.add_argument("--opcua-password-file", metavar="FILE",
                      help="file whose first line is the password (or set $EDGE_AD_OPCUA_PASSWORD)")
 
+    view = parser.add_argument_group("live view (a web page on this PC: frame, heatmap, scores, alerts, ROI editor)")
+    view.add_argument("--http", metavar="[HOST:]PORT",
+                      help="serve the live view, e.g. 127.0.0.1:8080 (default host); another address needs a token")
+    view.add_argument("--http-token-file", metavar="FILE",
+                      help="file whose first line is the view's token (or set $EDGE_AD_HTTP_TOKEN)")
+
     gen = parser.add_argument_group("general")
     gen.add_argument("--config", metavar="FILE", help="YAML or TOML file with any of these options (command line wins)")
     gen.add_argument("--print-config", action="store_true", help="print the effective options as JSON and exit")
     gen.add_argument("--status-interval", type=float, metavar="S",
                      help="seconds between status log lines when stderr is not a terminal" + _d("status_interval"))
     gen.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="logging level" + _d("log_level"))
+    gen.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    gen.add_argument("--metrics-host", metavar="HOST", help="address /metrics listens on" + _d("metrics_host"))
     gen.add_argument("--version", action="version", version=f"edge-ad {__version__}")
     return parser
 
@@ -319,6 +333,10 @@ def cmd_run(argv: list[str]) -> int:
     values = vars(parser.parse_args(argv))
     config_file = values.pop("config", None)
     print_config = values.pop("print_config", False)
+    from edge_ad.ops.camera_config import has_cameras
+
+    if has_cameras(config_file):
+        return _run_cameras(values, config_file, print_config)
     config = build_config(values, config_file)
     setup_logging(config.log_level)
     if print_config:
@@ -331,6 +349,22 @@ def cmd_run(argv: list[str]) -> int:
     from edge_ad.app import run  # imports OpenVINO: only when actually running
 
     return run(config)
+
+
+def _run_cameras(values: dict, config_file: str, print_config: bool) -> int:
+    """A config file with a `cameras` list: every camera in this process (edge_ad/multicamera.py)."""
+    from edge_ad.ops.camera_config import build_camera_configs
+    from edge_ad.sources.capture import redact_url
+
+    configs = build_camera_configs(values, config_file)
+    setup_logging(configs[0].log_level)
+    if print_config:
+        print(json.dumps([{**c.to_dict(), "video": redact_url(c.video) if c.video else None} for c in configs],
+                         indent=2))
+        return 0
+    from edge_ad.multicamera import run_cameras
+
+    return run_cameras(configs)
 
 
 def cmd_bench(argv: list[str]) -> int:

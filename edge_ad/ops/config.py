@@ -51,7 +51,7 @@ class RunConfig:
     device: str = "CPU"
     mode: str = "latency"
     requests: int = 0  # 0 = OpenVINO's optimal number of in-flight requests
-    inference_precision: str | None = None  # None: f32 on CPU (scores match the bundle's FP32 metrics); else auto
+    inference_precision: str | None = None  # None = auto: bf16 on CPU if it has it and the bundle verified it, else f32
     bundle_public_key: str | None = None  # ed25519 public key (PEM): refuse bundles not signed with it
     image_threshold: float = 0.5  # normalized; 0.5 = the bundle's raw threshold
     pixel_threshold: float = 0.5
@@ -112,9 +112,16 @@ class RunConfig:
     # outbox: alerts wait here (SQLite) until the broker acknowledges them
     outbox: str | None = None  # default: $STATE_DIRECTORY or ~/.local/state/edge-ad/outbox-<device>-<camera>.sqlite
     outbox_max: int = 10000  # rows; when full the oldest are dropped (logged, counted in heartbeats)
+    # remote commands on <root>/<device>/<camera>/cmd (edge_ad.ops.commands, edge_ad.model.rollout)
+    commands: bool = True  # with MQTT: set-thresholds, reload, snapshot, teach, deploy
+    deploy_max_mb: float = 2048.0  # largest bundle archive a deploy downloads (and unpacks)
     # operator
     status_interval: float = 10.0
     log_level: str = "info"
+    metrics_port: int | None = None  # Prometheus /metrics (edge_ad/ops/metrics.py); None = off
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 (or ::) to let a Prometheus on another machine scrape
+    http: str | None = None  # live view (edge_ad/view/): [HOST:]PORT, 127.0.0.1 unless a token is configured
+    http_token_file: str | None = None  # live view token (or $EDGE_AD_HTTP_TOKEN); required beyond loopback
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,12 +149,13 @@ class RunConfig:
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 PATH_FIELDS = ("model", "video", "images", "roi_mask", "bundle_public_key", "video_password_file",
                "snapshots", "jsonl", "mqtt_password_file", "opcua_password_file", "mqtt_ca",
-               "mqtt_cert", "mqtt_key", "outbox", "watch_state")
+               "mqtt_cert", "mqtt_key", "outbox", "watch_state", "http_token_file")
 TRIGGERS = ("mqtt", "stdin")
+CAMERAS = "cameras"  # config file key: several cameras in one process (edge_ad/ops/camera_config.py)
 # Upper bounds: beyond these a value is a typo, and would fail late (or exhaust memory) instead of now.
 LIMITS = {"requests": 64, "alert_m": 100000, "clear_after": 100000, "mqtt_keepalive": 65535, "heartbeat": 86400.0,
           "retry_delay": 3600.0, "retry_max_delay": 86400.0, "mqtt_retry_delay": 3600.0,
-          "mqtt_retry_max_delay": 86400.0, "status_interval": 86400.0, "outbox_max": 10_000_000,
+          "mqtt_retry_max_delay": 86400.0, "status_interval": 86400.0, "outbox_max": 10_000_000, "deploy_max_mb": 10**6,
           "source_retries": 10**9, "mqtt_retries": 10**9, "min_area": 10**9, "camera": 10**6, "max_regions": 1000,
           "snapshot_max_files": 10**9, "snapshot_max_mb": 10**8, "disk_reserve_mb": 10**8, "jsonl_max_mb": 10**8,
           "jsonl_backups": 1000}
@@ -255,20 +263,32 @@ def _parse_file(path: Path) -> dict:
     return data
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Config file -> {field: value}, checked and typed, paths made relative to the file."""
+def read_config_file(path: str | Path) -> dict:
+    """The file's mapping as parsed (ConfigError when it cannot be read or parsed)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = _parse_file(path)
+        return _parse_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number, absurd nesting
         raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())[:200]}") from None
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Config file -> {field: value}, checked and typed, paths made relative to the file. A `cameras` list
+    (several cameras in one process) is read by edge_ad.ops.camera_config, not here."""
+    raw = read_config_file(path)
+    raw.pop(CAMERAS, None)
+    return typed_values(raw, Path(path), str(path))
+
+
+def typed_values(raw: dict, path: Path, origin: str) -> dict:
+    """A mapping of options from the file `path` -> {field: value}, checked and typed, paths relative to it."""
     flat = _flatten(raw)
-    _check_keys(flat, str(path))
-    values = {key: _coerce(key, value, str(path)) for key, value in flat.items()}
+    _check_keys(flat, origin)
+    values = {key: _coerce(key, value, origin) for key, value in flat.items()}
     for key in PATH_FIELDS:
         value = values.get(key)
         if isinstance(value, str) and value != "-" and "://" not in value:
@@ -349,6 +369,7 @@ def validate(config: RunConfig) -> None:
     _positive(config, "jsonl_backups")
     _positive(config, "mqtt_retry_max_delay")
     _positive(config, "outbox_max")
+    _positive(config, "deploy_max_mb")
     for name in LIMITS:
         _bounded(config, name)
     if config.mqtt_version not in MQTT_VERSIONS:
@@ -373,6 +394,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value!r} must not be empty or contain '/', '+', '#' or spaces")
     if config.mqtt_port is not None and not 0 < config.mqtt_port < 65536:
         raise ConfigError(f"--mqtt-port must be 1..65535, got {config.mqtt_port}")
+    if config.metrics_port is not None and not 0 < config.metrics_port < 65536:
+        raise ConfigError(f"--metrics-port must be 1..65535, got {config.metrics_port}")
+    if not config.metrics_host or len(config.metrics_host) > 255 or any(c.isspace() for c in config.metrics_host):
+        raise ConfigError(f"--metrics-host must be a host name or address, got {config.metrics_host!r}")
     for name in ("mqtt_password_file", "mqtt_ca", "mqtt_cert", "mqtt_key", "roi_mask", "bundle_public_key",
                  "video_password_file"):
         value = getattr(config, name)
@@ -384,6 +409,9 @@ def validate(config: RunConfig) -> None:
     if config.mqtt_host is None and (config.mqtt_tls or any(getattr(config, n) for n in mqtt_only)):
         raise ConfigError("MQTT options given without --mqtt-host")
     _validate_parts(config)
+    from edge_ad.view.access import validate_http  # no bind beyond loopback without a token
+
+    validate_http(config.http, config.http_token_file)
     if config.mqtt_password_file and not config.mqtt_username:
         raise ConfigError("--mqtt-password-file needs --mqtt-username")
     if config.opcua_url is None and (config.opcua_username or config.opcua_password_file):

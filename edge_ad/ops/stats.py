@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 
 import numpy as np
@@ -24,6 +25,31 @@ def percentiles_ms(samples, qs=(50, 95, 99)) -> dict:
     return {f"p{q}": round(float(v), 2) for q, v in zip(qs, values)}
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # seconds
+
+
+class Histogram:
+    """Frames per latency bucket since start, for Prometheus (/metrics): one bisect and two additions per
+    frame, no allocation, so the frame path stays O(1) whatever the run length. The caller holds the lock."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # bucket i holds bounds[i-1] < x <= bounds[i]
+        self.sum += seconds
+
+    def cumulative(self) -> tuple[list[tuple[float, int]], float]:
+        """([(upper bound, frames at or below it), ..., (inf, all)], sum of seconds)."""
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            total += count
+            out.append((bound, total))
+        return out, self.sum
+
+
 class RuntimeStats:
     """Thread-safe: the capture, consumer and heartbeat threads all touch it."""
 
@@ -31,6 +57,7 @@ class RuntimeStats:
         self._lock = threading.Lock()
         self._latency: deque[float] = deque(maxlen=window)
         self._e2e: deque[float] = deque(maxlen=window)
+        self.latency_hist, self.e2e_hist = Histogram(), Histogram()  # whole run, for /metrics
         self._done: deque[float] = deque()  # completion times within fps_seconds
         self._fps_seconds = fps_seconds
         self.started = time.monotonic()
@@ -64,9 +91,16 @@ class RuntimeStats:
             self.last_done, self._cpu_last = now, cpu
             self._latency.append(latency)
             self._e2e.append(e2e)
+            self.latency_hist.add(latency)
+            self.e2e_hist.add(e2e)
             self._done.append(now)
             while self._done and now - self._done[0] > self._fps_seconds:
                 self._done.popleft()
+
+    def histograms(self) -> dict:
+        """{"latency": (cumulative buckets, sum), "e2e": ...} of the whole run (frames decided so far)."""
+        with self._lock:
+            return {"latency": self.latency_hist.cumulative(), "e2e": self.e2e_hist.cumulative()}
 
     def fps(self) -> float:
         now = time.monotonic()
