@@ -10,7 +10,8 @@ Method (everything at batch 1, the variant's input size, 256x256 for the real mo
 - latency: the torch module of `training.run_dir.load_model` under `torch.inference_mode()` with torch's
   default threads; the bundles compiled exactly as the runtime compiles them
   (`edge_ad.model.inference.compile_bundle`: uint8 input with the pixel conversion in the graph, LATENCY hint,
-  f32 inference precision on CPU) and run with synchronous requests, as `edge-ad bench` does. Each
+  the precision the runtime picks: f32, or bf16 where the CPU has it and the bundle verified it) and run
+  with synchronous requests, as `edge-ad bench` does. Each
   (variant, backend) segment does --warmup untimed calls, then --runs timed calls (p50, p99 of that
   segment). Segments are interleaved (every variant and backend once per round, the order rotated each
   round) over --rounds rounds, and the median over rounds of p50 and of p99 is reported: load drift on a
@@ -418,7 +419,7 @@ def markdown(report: dict) -> str:
         f"Batch 1, category {s['category']} (speed does not depend on it). Latency: {s['warmup']} warm-up + "
         f"{s['runs']} timed single-frame calls per segment, segments interleaved over {s['rounds']} round(s), "
         "median over rounds of p50 and p99 (spread of p50 over rounds in brackets). OpenVINO compiled as "
-        "`edge-ad` does (LATENCY hint, f32 precision, uint8 input with the pixel conversion in the graph). "
+        "`edge-ad` does (LATENCY hint, the runtime's precision choice, uint8 input with the pixel conversion in the graph). "
         "Throughput: `edge-ad bench --mode throughput` (OpenVINO's optimal requests in flight), median over "
         "rounds; torch = 1000 / p50. Pipeline: `edge-ad --video --mode throughput` end to end (decode, resize, "
         "infer, decide, publish)"

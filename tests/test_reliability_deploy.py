@@ -91,7 +91,7 @@ def test_the_files_the_image_copies_build_a_runtime_only_wheel(tmp_path):
     required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     name = lambda requirement: re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)  # noqa: E731
     unconditional = sorted(name(r) for r in required if ";" not in r)
-    assert unconditional == ["cryptography", "numpy", "opencv-python-headless", "openvino", "paho-mqtt"]
+    assert unconditional == ["cryptography", "numpy", "opencv-python-headless", "openvino", "paho-mqtt", "prometheus_client"]
     assert sorted(name(r) for r in required if ";" in r and "extra ==" not in r) == ["tomli"]  # Python 3.10 only
 
 
