@@ -112,6 +112,13 @@ def bundle_dir(tmp_path_factory) -> Path:
     return build_bundle(tmp_path_factory.mktemp("bundle"))
 
 
+@pytest.fixture
+def needs_mosquitto():
+    """For tests that start their own brokers: skipped, or failed under EDGE_AD_REQUIRE, without mosquitto."""
+    if MOSQUITTO is None:
+        missing("mosquitto", "mosquitto broker binary not installed (apt-get install mosquitto)")
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A real broker (skipped, or failed under EDGE_AD_REQUIRE=mosquitto, when mosquitto is not installed)."""

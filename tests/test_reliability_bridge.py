@@ -12,21 +12,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from prerequisites import missing
 from runtime_helpers import (  # noqa: F401  (fixtures)
-    MOSQUITTO, Broker, Subscriber, TcpProxy, bundle_dir, jsonl, make_frame, start_cli, wait_until, write_video,
+    needs_mosquitto, Broker, Subscriber, TcpProxy, bundle_dir, jsonl, make_frame, start_cli, wait_until, write_video,
 )
 
 from benchmarks.broker import bridge
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.usefixtures("needs_mosquitto")]
 BOX = (64, 48, 64, 48)
-
-
-@pytest.fixture(autouse=True)
-def _needs_mosquitto():
-    if MOSQUITTO is None:
-        missing("mosquitto", "mosquitto broker binary not installed")
 
 
 def epoch(event: dict) -> float:
