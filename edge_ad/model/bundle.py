@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edge_ad.atomic import write_atomic
 from edge_ad.model.preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -169,9 +170,7 @@ def write_bundle(folder: str | Path, bundle: Bundle) -> Path:
     if not bundle.created_utc:
         bundle.created_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = folder / BUNDLE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(bundle.to_dict(), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(bundle.to_dict(), indent=2, sort_keys=False) + "\n")
     return path
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edge_ad.atomic import fsync_dir, write_atomic  # noqa: F401  (write_atomic: re-exported)
+from edge_ad.atomic import fsync_dir, write_atomic
 from edge_ad.deliver.outbox import state_name
 from edge_ad.model.bundle import BUNDLE_FILE, BundleError, read_bundle
 from edge_ad.model.signing import check_bundle
