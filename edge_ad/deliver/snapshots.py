@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge_ad.atomic import write_atomic
 from edge_ad.model.preprocess import as_bgr_uint8, resize_map
 from edge_ad.decide.regions import Region
 
@@ -88,9 +89,7 @@ class SnapshotWriter:
                                    f"kept for the outbox (--disk-reserve-mb); snapshot not written "
                                    f"({self.refused} so far)")
         path = (self.folder / f"{name}.jpg").resolve()
-        tmp = path.with_suffix(".jpg.tmp")
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
+        write_atomic(path, data.tobytes())
         with self._lock:
             self._files.append((path, data.nbytes))
             self._bytes += data.nbytes

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_ad.atomic import write_atomic
 from edge_ad.model.bundle import BUNDLE_FILE, BundleError, safe_member, sha256_file
 
 log = logging.getLogger("edge_ad.signing")
@@ -128,9 +129,7 @@ def sign_bundle(folder: str | Path, key: Ed25519PrivateKey) -> Path:
         raise SigningError(f"not a bundle (no {BUNDLE_FILE}): {folder}")
     text = manifest_text(folder).encode()
     for name, data in ((MANIFEST, text), (SIGNATURE, key.sign(text))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / name)
+        write_atomic(folder / name, data)
     log.info("signed %s: %d files in %s, signature in %s", folder, text.count(b"\n"), MANIFEST, SIGNATURE)
     return folder / SIGNATURE
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
+from edge_ad.atomic import write_atomic
 from edge_ad.decide.thresholds import (DEFAULT_CONFIDENCE, DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, MIN_NORMAL_SCORES,
                                        ThresholdEstimateError, estimate_thresholds)
 from edge_ad.errors import UsageError
@@ -179,11 +179,7 @@ def commit_thresholds(folder: Path, bundle: Bundle, thresholds: Thresholds, reco
     current = folder / BUNDLE_FILE
     number = (versions(folder)[-1][0] + 1) if versions(folder) else 1
     kept = folder / f"{BUNDLE_FILE}.v{number}"
-    tmp = kept.with_name(kept.name + ".tmp")
-    tmp.write_bytes(current.read_bytes())
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(kept)
+    write_atomic(kept, current.read_bytes())
     expected = dict(bundle.files)
     bundle.thresholds = thresholds
     calibration = dict(bundle.calibration or {})

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from edge_ad.atomic import write_atomic
 from edge_ad.errors import SourceError
 from edge_ad.sources.capture import Frame, FrameSource, safe_id
 from edge_ad.sources.images import IMAGE_SUFFIXES, ImageReadError, read_image
@@ -97,12 +98,7 @@ class Ledger:
             if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
                 self.done.add((name, size, mtime_ns))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(f"{n}\t{s}\t{m}\n" for n, s, m in sorted(self.done))
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(f"{n}\t{s}\t{m}\n" for n, s, m in sorted(self.done)))
         self._handle = open(self.path, "a", encoding="utf-8")
         return len(self.done)
 
