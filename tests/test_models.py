@@ -43,6 +43,24 @@ def test_stfpm_loss_matches_the_paper_definition():
     assert float(stfpm_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_hard_quantile_loss_averages_only_the_hardest_positions():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8)]
+    student = [torch.randn_like(t) for t in teacher]
+    student[0][0, :, 3, 5] = -teacher[0][0, :, 3, 5]  # the one position at the maximal distance, 2.0
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        distance = 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1).flatten()
+        expected = expected + distance[distance >= torch.quantile(distance, 0.9)].mean()
+    torch.testing.assert_close(stfpm_loss(teacher, student, hard_quantile=0.9), expected)
+    assert float(stfpm_loss(teacher, student, hard_quantile=0.9)) > float(stfpm_loss(teacher, student))
+    # the top of tap 0 is the planted position alone when the quantile leaves one of 512
+    top_only = stfpm_loss(teacher[:1], student[:1], hard_quantile=0.999)
+    assert float(top_only) == pytest.approx(2.0, abs=1e-5)
+    with pytest.raises(ValueError, match="hard quantile"):
+        stfpm_loss(teacher, student, hard_quantile=1.0)
+
+
 def test_anomaly_map_is_product_of_upsampled_tap_maps():
     teacher = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
     student = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]

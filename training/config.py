@@ -46,6 +46,7 @@ class StfpmConfig(TrainConfig):
     select: str = "loss"  # which epoch to keep: loss (lowest validation loss) or synthetic (see HELP)
     map_taps: str = "0,1,2"  # taps whose maps make the anomaly map (the loss always uses all three)
     map_combine: str = "product"  # product (the paper's) or sum of the per-tap maps
+    hard_quantile: float = 0.0  # train on the hardest positions only (EfficientAD's hard feature loss); 0: all
     algorithm: str = "stfpm"
 
 
@@ -87,6 +88,7 @@ HELP = {
     "topk_fraction": "share of map pixels averaged when score_reduction is topk",
     "lr_schedule": "constant or cosine (decays to 0 over the epochs)",
     "select": "epoch to keep: loss (lowest validation loss) or synthetic (best AUROC of validation images against synthetic defects drawn on copies of them)",
+    "hard_quantile": "STFPM: average the training loss only over positions at or above this quantile of each tap's distances in the batch (0: all positions; EfficientAD uses 0.999)",
     "pool": "average-pool the feature tap by this factor",
 }
 

@@ -78,6 +78,8 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {config.select!r}")
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
+    if not 0.0 <= config.hard_quantile < 1.0:
+        raise ValueError(f"--hard-quantile must be in [0, 1), got {config.hard_quantile}")
     Augmentation.parse(config.augment)
     parse_taps(config.map_taps, "--map-taps")
     if config.map_combine not in COMBINES:
@@ -107,7 +109,7 @@ def train(config: StfpmConfig) -> Path:
         for batch in progress:
             images = batch["image"].to(device, non_blocking=True)
             with autocast(device):
-                loss = stfpm_loss(*model.features(images))
+                loss = stfpm_loss(*model.features(images), hard_quantile=config.hard_quantile)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
