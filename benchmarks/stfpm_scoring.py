@@ -1,12 +1,13 @@
 """Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
 
-    python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT]
+    python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
 scored from them. The variants are ranked by the synthetic validation AUROC (validation images
 against defective copies of themselves, `training.data.synthetic_defects`); the test columns are
-measured beside it and never rank anything. Writes `benchmarks/results/stfpm_scoring-<run>.json`.
+measured beside it and never rank anything. --defect-strength draws fainter synthetic defects
+(training.data.synthetic_defects), to see whether the ranking holds for defects as faint as real ones. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>].json`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from edge_ad.decide.thresholds import estimate_thresholds
 from edge_ad.ops.tool_cli import run_tool
 from training.config import StfpmConfig
+from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
@@ -65,7 +67,8 @@ def score(per_tap: torch.Tensor, taps, how: str, scorer: ImageScore) -> tuple[np
     return amap[:, 0].numpy(), image_score.numpy()
 
 
-def evaluate(run_dir: Path, data_root: str | None) -> dict:
+def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
+             defect_kinds: tuple[str, ...] = KINDS) -> dict:
     model, saved = load_model(run_dir)
     known = {f.name for f in fields(StfpmConfig)}
     config = StfpmConfig(**{k: v for k, v in saved.items() if k in known} | ({"data_root": data_root} if data_root else {}))
@@ -74,7 +77,7 @@ def evaluate(run_dir: Path, data_root: str | None) -> dict:
     model = model.to(device)
     sets = {
         "validation": tap_maps(model, loader(data.validation, data, config), device),
-        "synthetic": tap_maps(model, synthetic_validation(data, config), device),
+        "synthetic": tap_maps(model, synthetic_validation(data, config, defect_strength, defect_kinds), device),
         "test": tap_maps(model, loader(data.test, data, config), device),
     }
     rows = []
@@ -99,11 +102,13 @@ def evaluate(run_dir: Path, data_root: str | None) -> dict:
                                        "recall_deployed", "image_f1_optimal")},
         })
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
-    return {"run": str(run_dir), "category": config.category, "backbone": config.backbone, "rows": rows}
+    return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
+            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "rows": rows}
 
 
 def table(result: dict) -> str:
-    lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC",
+    lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
+             f" (defects {','.join(result.get('defect_kinds', KINDS))}, strength {result.get('defect_strength', 1.0):g})",
              "| map taps | combine | score | sigma | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
              "|---|---|---|---|---:|---:|---:|---|"]
     for r in result["rows"]:
@@ -119,12 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="an STFPM run folder (runs/stfpm-...)")
     parser.add_argument("--data-root", help="where the run's data lives now (default: the run's own)")
+    parser.add_argument("--defect-strength", type=float, default=1.0,
+                        help="contrast of the synthetic defects, (0, 1]; 1: the training default")
+    parser.add_argument("--defect-kinds", default=",".join(KINDS),
+                        help=f"comma list of {', '.join(ALL_KINDS)} (default: the training cycle)")
     args = parser.parse_args(argv)
 
     def go() -> None:
-        result = evaluate(args.run, args.data_root)
+        kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
+        if not kinds or set(kinds) - set(ALL_KINDS):
+            raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
+        result = evaluate(args.run, args.data_root, args.defect_strength, kinds)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"stfpm_scoring-{args.run.name}.json").write_text(json.dumps(result, indent=1))
+        suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
+            ("" if kinds == KINDS else "-" + "+".join(kinds))
+        (RESULTS / f"stfpm_scoring-{args.run.name}{suffix}.json").write_text(json.dumps(result, indent=1))
         print(table(result))
 
     return run_tool(go, (ValueError, FileNotFoundError))

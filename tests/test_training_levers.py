@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.data.augment import Augmentation
-from training.data.synthetic_defects import KINDS, add_synthetic_defect, synthetic_anomalies
+from training.data.synthetic_defects import ALL_KINDS, add_synthetic_defect, synthetic_anomalies
 from training.models.image_score import ImageScore
 
 
@@ -19,7 +19,7 @@ def _object_on_plain_background(size=128):
     return image
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_synthetic_defect_mask_is_exactly_the_changed_pixels_on_the_part(kind):
     image = _object_on_plain_background()
     rng = np.random.default_rng(0)
@@ -40,6 +40,22 @@ def test_synthetic_anomalies_are_reproducible_and_cycle_kinds():
     assert all(m.any() for m in masks)
     with pytest.raises(ValueError, match="kind"):
         add_synthetic_defect(images[0], "rust", np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_fainter_synthetic_defects_change_the_same_pixels_less(kind):
+    import cv2
+
+    image = _object_on_plain_background()
+    strong, strong_mask = add_synthetic_defect(image, kind, np.random.default_rng(5))
+    faint, faint_mask = add_synthetic_defect(image, kind, np.random.default_rng(5), strength=0.3)
+    where = strong_mask.astype(bool) & faint_mask.astype(bool)
+    assert where.sum() > 0.5 * strong_mask.sum()  # same place and shape, drawn from the same draws
+    gray = lambda out: cv2.cvtColor(out, cv2.COLOR_BGR2GRAY).astype(int)
+    difference = lambda out: np.abs(gray(out) - gray(image))[where]
+    assert difference(faint).mean() < 0.5 * difference(strong).mean()
+    with pytest.raises(ValueError, match="strength"):
+        add_synthetic_defect(image, kind, np.random.default_rng(0), strength=0.0)
 
 
 def test_augmentation_parses_and_keeps_shape():
@@ -116,7 +132,7 @@ def test_bad_lever_options_are_one_line_errors(synthetic_root, tmp_path, capsys)
 
 def test_synthetic_defects_on_small_and_grayscale_images():
     rng = np.random.default_rng(0)
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         gray = np.random.default_rng(1).integers(0, 256, (16, 40), dtype=np.uint8)
         defective, mask = add_synthetic_defect(gray, kind, rng)
         assert defective.shape == (16, 40, 3) and mask.shape == (16, 40)

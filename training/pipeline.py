@@ -19,7 +19,7 @@ from training.config import TrainConfig
 from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
 from training.data.augment import Augmentation
 from training.data.dataset import FrameDataset
-from training.data.synthetic_defects import synthetic_anomalies
+from training.data.synthetic_defects import KINDS, synthetic_anomalies
 from training.metrics import compute_metrics, image_auroc
 from training.predict import Predictions, predict
 
@@ -86,13 +86,14 @@ def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: b
                        augment=Augmentation.parse(config.augment) if augment else None)
 
 
-def synthetic_validation(data: RunData, config: TrainConfig):
+def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1.0,
+                         kinds: tuple[str, ...] = KINDS):
     """Validation images and a copy of each with a synthetic defect (training.data.synthetic_defects).
 
     The anomalies that choices may see: made from held-out normal images, never from the test split.
     """
     frames = [as_bgr_uint8(read_image(sample.path)) for sample in data.validation]  # grayscale parts too
-    defective, masks = synthetic_anomalies(frames, seed=config.seed)
+    defective, masks = synthetic_anomalies(frames, seed=config.seed, strength=strength, kinds=kinds)
     names = [f"{s.path}" for s in data.validation] + [f"{s.path}#synthetic" for s in data.validation]
     dataset = FrameDataset(frames + defective, [None] * len(frames) + masks,
                            [0] * len(frames) + [1] * len(defective), data.spec, names)

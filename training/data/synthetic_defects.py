@@ -14,7 +14,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-KINDS = ("cutpaste", "scratch", "blob")
+KINDS = ("cutpaste", "scratch", "blob")  # the default cycle
+# warp: the part's own pixels pushed aside by a smooth bump (a dent, a bent thread): shape, not colour
+ALL_KINDS = KINDS + ("warp",)
 MIN_SIDE = 16
 
 
@@ -32,10 +34,17 @@ def _structure_point(gray: np.ndarray, rng: np.random.Generator, margin: int) ->
     return divmod(index, w)
 
 
-def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 BGR (H,W,3) -> (defective copy, uint8 {0,1} mask of the changed pixels)."""
-    if kind not in KINDS:
-        raise ValueError(f"synthetic defect kind must be one of {KINDS}, got {kind!r}")
+def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
+                         strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 BGR (H,W,3) -> (defective copy, uint8 {0,1} mask of the changed pixels).
+
+    strength scales the contrast of the defect (1: 60-110 grey levels for scratches and blobs, +-40 on a
+    pasted patch): real defects on some parts are far fainter than the default ones.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"synthetic defect strength must be in (0, 1], got {strength}")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"synthetic defect kind must be one of {ALL_KINDS}, got {kind!r}")
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     h, w = image.shape[:2]
@@ -52,13 +61,24 @@ def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator)
         patch = image[sy:sy + size, sx:sx + size]
         rotation = cv2.getRotationMatrix2D((size / 2, size / 2), float(rng.uniform(0, 360)), 1.0)
         patch = cv2.warpAffine(patch, rotation, (size, size), borderMode=cv2.BORDER_REFLECT_101)
-        patch = np.clip(patch.astype(np.int16) + rng.integers(-40, 41), 0, 255).astype(np.uint8)
+        patch = np.clip(patch.astype(np.int16) + round(strength * rng.integers(-40, 41)), 0, 255)
         y0, x0 = y - size // 2, x - size // 2
-        out[y0:y0 + size, x0:x0 + size] = patch
+        region = out[y0:y0 + size, x0:x0 + size].astype(np.float32)
+        out[y0:y0 + size, x0:x0 + size] = np.round(region + strength * (patch - region)).astype(np.uint8)
         mask[y0:y0 + size, x0:x0 + size] = 1
+    elif kind == "warp":
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        bump = np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (size / 2.5) ** 2))
+        angle = rng.uniform(0, 2 * np.pi)
+        amplitude = strength * rng.uniform(0.15, 0.3) * size
+        map_x = xx - np.float32(amplitude * np.cos(angle)) * bump
+        map_y = yy - np.float32(amplitude * np.sin(angle)) * bump
+        warped = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        mask = (bump > 0.02).astype(np.uint8)  # beyond it the shift is under 0.2 px: the image is kept
+        out = np.where(mask[..., None].astype(bool), warped, image)
     else:
         local = float(gray[max(0, y - size):y + size, max(0, x - size):x + size].mean())
-        value = int(np.clip(local + rng.choice([-1, 1]) * rng.uniform(60, 110), 0, 255))
+        value = int(np.clip(local + rng.choice([-1, 1]) * strength * rng.uniform(60, 110), 0, 255))
         color = (value, value, value)
         if kind == "scratch":
             angle = rng.uniform(0, np.pi)
@@ -77,12 +97,13 @@ def add_synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator)
     return out, mask
 
 
-def synthetic_anomalies(images: list[np.ndarray], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def synthetic_anomalies(images: list[np.ndarray], seed: int = 0, strength: float = 1.0,
+                        kinds: tuple[str, ...] = KINDS) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """One defective copy of each image, kinds in turn, reproducible from the seed."""
     rng = np.random.default_rng(seed)
     defective, masks = [], []
     for index, image in enumerate(images):
-        copy, mask = add_synthetic_defect(image, KINDS[index % len(KINDS)], rng)
+        copy, mask = add_synthetic_defect(image, kinds[index % len(kinds)], rng, strength)
         defective.append(copy)
         masks.append(mask)
     return defective, masks
