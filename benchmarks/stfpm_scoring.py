@@ -1,13 +1,14 @@
 """Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
 
-    python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3]
+    python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3] [--defect-kinds warp]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
 scored from them. The variants are ranked by the synthetic validation AUROC (validation images
 against defective copies of themselves, `training.data.synthetic_defects`); the test columns are
-measured beside it and never rank anything. --defect-strength draws fainter synthetic defects
-(training.data.synthetic_defects), to see whether the ranking holds for defects as faint as real ones. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>].json`.
+measured beside it and never rank anything. `--defect-strength` (fainter) and `--defect-kinds`
+(e.g. `warp`, shape only) change the synthetic defects, to see whether the ranking holds for defects
+more like real ones. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>].json`.
 """
 
 from __future__ import annotations

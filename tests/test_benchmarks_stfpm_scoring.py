@@ -24,3 +24,16 @@ def test_the_runs_own_variant_reproduces_its_metrics(tiny_stfpm_run):
     single = {r["map_taps"] for r in result["rows"] if r["map_combine"] == "sum"}
     assert not single & {"0", "1", "2"}  # one tap: sum and product are the same map, listed once
     assert "| map taps |" in stfpm_scoring.table(result)
+
+
+def test_other_synthetic_defects_change_only_the_signal(tiny_stfpm_run, capsys):
+    base = stfpm_scoring.evaluate(tiny_stfpm_run, None)
+    warped = stfpm_scoring.evaluate(tiny_stfpm_run, None, defect_strength=0.5, defect_kinds=("warp",))
+    assert warped["defect_kinds"] == ["warp"] and warped["defect_strength"] == 0.5
+    key = lambda r: (r["map_taps"], r["map_combine"], r["score_reduction"], r["topk_fraction"], r["smooth_sigma"])
+    test_base = {key(r): r["image_auroc"] for r in base["rows"]}
+    assert all(test_base[key(r)] == pytest.approx(r["image_auroc"]) for r in warped["rows"])  # test untouched
+    assert [r["synthetic_validation_auroc"] for r in warped["rows"]] != [
+        r["synthetic_validation_auroc"] for r in base["rows"]]
+    assert stfpm_scoring.main([str(tiny_stfpm_run), "--defect-kinds", "rust"]) == 2
+    assert "--defect-kinds must list some of" in capsys.readouterr().err
