@@ -21,8 +21,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from runtime_helpers import (  # noqa: F401  (fixtures)
-    REPO, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, run_cli, write_video,
+    REPO, Broker, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, needs_mosquitto, run_cli,
+    write_video,
 )
+from runtime_helpers import Subscriber as PersistentSubscriber
 
 from edge_ad.model.bundle import bundle_hash, read_bundle
 
@@ -197,31 +199,38 @@ def test_last_will_reports_offline_when_the_process_dies(mosquitto, bundle_dir, 
     assert will["state"] == "offline" and will["reason"] == "connection lost"
 
 
-def test_alerts_raised_while_the_broker_is_down_arrive_after_it_returns(broker, bundle_dir, tmp_path):
-    """QoS 1 alerts are queued during a broker outage and delivered after paho reconnects."""
+def test_alerts_raised_while_the_broker_is_down_arrive_after_it_returns(needs_mosquitto, bundle_dir, tmp_path):
+    """QoS 1 alerts are queued during a broker outage and delivered after paho reconnects.
+
+    A persistent broker and a persistent-session subscriber: what edge-ad publishes the instant the
+    broker is back is queued for the subscriber even before it has reconnected (no race with its
+    reconnect; the subscriber's own reconnect is not what is tested here).
+    """
     frames = [make_frame([BOX_A] if (i // 25) % 2 else []) for i in range(150)]  # defects at 25-49, 75-99, 125-149
     video = write_video(tmp_path / "restart.avi", frames, fps=25)
-    before = Subscriber(broker.host, broker.port, "edge-ad/restart/+/alert")
+    broker = Broker(tmp_path / "broker", persistent=True)
+    broker.start()
+    sub = PersistentSubscriber(broker.host, broker.port, "edge-ad/restart/#", client_id="sub-restart")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_ad", "--video", str(video), "--realtime", "--model", str(bundle_dir),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--device-id", "restart",
          "--cooldown", "10f", "--heartbeat", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
     try:
-        before.wait_for(lambda m: len(m) >= 1)  # first alert (frame 27) went out live
+        sub.wait_for(lambda m: any(p["event"] == "alert" for _, p in m), what="the first alert")  # went out live
         broker.stop()
         time.sleep(1.5)
         broker.start()
-        after = Subscriber(broker.host, broker.port, "edge-ad/restart/#")
         _, err = proc.communicate(timeout=60)
-        messages = after.wait_for(offline)
+        sub.wait_for(lambda m: any(p["event"] == "status" and p.get("state") == "offline" for _, p in m),
+                     what="the offline status")
     finally:
-        before.close()
         if proc.poll() is None:
             proc.kill()
-    after.close()
+        sub.close()
+        broker.stop()
     assert proc.returncode == 0, err
     assert "lost MQTT broker" in err and "reconnected to MQTT broker" in err and "not confirmed" not in err
     raised = [int(line.split(" frame ")[1].split()[0]) for line in err.splitlines() if "ALERT" in line]
-    received = {p["frame_index"] for _, p, _ in before.messages + messages if p["event"] == "alert"}
+    received = {p["frame_index"] for p in sub.events("alert")}
     assert len(raised) >= 6 and received == set(raised)
