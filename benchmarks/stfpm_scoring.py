@@ -109,7 +109,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
 
 def table(result: dict) -> str:
     lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
-             f" (defects {','.join(result.get('defect_kinds', KINDS))}, strength {result.get('defect_strength', 1.0):g})",
+             f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g})",
              "| map taps | combine | score | sigma | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
              "|---|---|---|---|---:|---:|---:|---|"]
     for r in result["rows"]:

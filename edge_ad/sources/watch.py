@@ -97,7 +97,6 @@ class Ledger:
                 continue
             if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
                 self.done.add((name, size, mtime_ns))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, "".join(f"{n}\t{s}\t{m}\n" for n, s, m in sorted(self.done)))
         self._handle = open(self.path, "a", encoding="utf-8")
         return len(self.done)
