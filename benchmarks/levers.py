@@ -66,7 +66,8 @@ DFM_STEPS = [
 # The sweep starts from the recipe as it was before it (not from today's defaults, which it chose).
 BASELINES = {
     "stfpm": {"epochs": 10, "select": "loss", "lr_schedule": "constant", "augment": "none", "smooth_sigma": 0.0,
-              "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256},
+              "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256,
+              "subspace_weight": 0.0},
     "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "smooth_sigma": 0.0,
             "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256},
 }

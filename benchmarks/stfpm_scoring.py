@@ -4,7 +4,8 @@
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
-scored from them. The variants are ranked by the synthetic validation AUROC (validation images
+scored from them. A run with a subspace term (`--subspace-weight`) keeps it in every variant, each
+term's scale recomputed on validation normals for the variant's map as training does. The variants are ranked by the synthetic validation AUROC (validation images
 against defective copies of themselves, `training.data.synthetic_defects`); the test columns are
 measured beside it and never rank anything. `--defect-strength` (fainter) and `--defect-kinds`
 (e.g. `warp`, shape only) change the synthetic defects, to see whether the ranking holds for defects
@@ -46,16 +47,19 @@ SIGMAS = (0.0, 4.0)
 @torch.no_grad()
 def tap_maps(model, batches, device) -> dict:
     """(N, taps, H, W) per-tap discrepancy maps at input size, labels and the masks of `batches`."""
-    maps, labels, masks = [], [], []
+    maps, subspace_maps, labels, masks = [], [], [], []
     for batch in tqdm(batches, desc="tap maps", unit="batch", leave=False):
         images = batch["image"].to(device)
         teacher, student = model.features(images)
         per_tap = [F.interpolate(tap_distance(t, s), size=images.shape[-2:], mode="bilinear", align_corners=False)
                    for t, s in zip(teacher, student)]
         maps.append(torch.cat(per_tap, dim=1).cpu())
+        if model.subspace is not None:
+            subspace_maps.append(model.subspace.error_map(teacher, images.shape[-2:]).cpu())
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
-    return {"maps": torch.cat(maps), "labels": np.concatenate(labels), "masks": np.concatenate(masks)}
+    return {"maps": torch.cat(maps), "subspace": torch.cat(subspace_maps) if subspace_maps else None,
+            "labels": np.concatenate(labels), "masks": np.concatenate(masks)}
 
 
 def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
@@ -63,9 +67,22 @@ def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
     return (chosen.prod(dim=1) if how == "product" else chosen.sum(dim=1)).unsqueeze(1)
 
 
-def score(per_tap: torch.Tensor, taps, how: str, scorer: ImageScore) -> tuple[np.ndarray, np.ndarray]:
-    amap, image_score = scorer(combine(per_tap, taps, how))
+def score(maps: dict, taps, how: str, scorer: ImageScore, scales: tuple[float, float] | None = None,
+          weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The variant's map and image scores; with a subspace term, added to it as the model does."""
+    amap = combine(maps["maps"], taps, how)
+    if scales is not None:
+        amap = amap / scales[0] + weight * maps["subspace"] / scales[1]
+    amap, image_score = scorer(amap)
     return amap[:, 0].numpy(), image_score.numpy()
+
+
+def term_scales(maps: dict, taps, how: str, scorer: ImageScore) -> tuple[float, float] | None:
+    """Each term's mean image score on validation normals, as training.stfpm.calibrate_map_scales sets
+    it, recomputed for the variant's own discrepancy map."""
+    if maps["subspace"] is None:
+        return None
+    return (float(scorer(combine(maps["maps"], taps, how))[1].mean()), float(scorer(maps["subspace"])[1].mean()))
 
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
@@ -86,9 +103,10 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         if len(taps) == 1 and how == "sum":
             continue  # one tap: product and sum are the same map
         scorer = ImageScore(sigma, reduction, fraction)
-        _, synthetic_scores = score(sets["synthetic"]["maps"], taps, how, scorer)
-        val_maps, val_scores = score(sets["validation"]["maps"], taps, how, scorer)
-        test_maps, test_scores = score(sets["test"]["maps"], taps, how, scorer)
+        term = (term_scales(sets["validation"], taps, how, scorer), model.subspace_weight)
+        _, synthetic_scores = score(sets["synthetic"], taps, how, scorer, *term)
+        val_maps, val_scores = score(sets["validation"], taps, how, scorer, *term)
+        test_maps, test_scores = score(sets["test"], taps, how, scorer, *term)
         thresholds = estimate_thresholds(val_scores, val_maps, config.target_fpr, config.pixel_fpr,
                                          confidence=config.threshold_confidence)
         with_masks = data.has_masks and bool(sets["test"]["masks"].any())
@@ -104,7 +122,8 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         })
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
     return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
-            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "rows": rows}
+            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds),
+            "subspace_weight": model.subspace_weight, "rows": rows}
 
 
 def table(result: dict) -> str:

@@ -113,6 +113,16 @@ def bottle_dfm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def screw_stfpm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """STFPM exactly as the README's headline `python -m training.stfpm --category screw` trains it."""
+    from training import stfpm
+    from training.config import StfpmConfig
+
+    return stfpm.train(StfpmConfig(category="screw", data_root=str(mvtec_root),
+                                   out=str(tmp_path_factory.mktemp("screw_runs"))))
+
+
+@pytest.fixture(scope="session")
 def screw_dfm_run(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DFM exactly as `python -m training.dfm --category screw` trains it (the default recipe)."""
     from training import dfm

@@ -151,6 +151,7 @@ class Subscriber:
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, dict]] = []
+        self.retain_flags: list[bool] = []  # per message: delivered as the broker's retained copy
         self.lock = threading.Lock()
         ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
@@ -175,6 +176,7 @@ class Subscriber:
 
         with self.lock:
             self.messages.append((message.topic, json.loads(message.payload)))
+            self.retain_flags.append(bool(message.retain))
 
     def events(self, *kinds: str) -> list[dict]:
         with self.lock:

@@ -32,6 +32,8 @@ DFM_SCORE_TYPE = {"resnet18": "nll", "mobilenet_v2": "map"}
 # The recipe levers in the graph: a smoothed map with a top-k image score, and concatenated DFM taps.
 SCORED = {"mobilenet_v2": dict(smooth_sigma=4.0, reduction="topk", topk_fraction=0.01)}
 DFM_TAPS = {"mobilenet_v2": (1, 2)}
+# STFPM's subspace term (a DFM on the teacher's features, the default recipe's), exported for one backbone.
+STFPM_SUBSPACE = {"mobilenet_v2": 2.0}
 
 
 def frames(seed: int = 1) -> list[np.ndarray]:
@@ -66,16 +68,25 @@ def backbone_instance(name: str, index: int) -> torch.nn.Module:
 
 
 def build(algorithm: str, backbone: str) -> torch.nn.Module:
+    scoring = ImageScore(**SCORED.get(backbone, {}))
     if algorithm == "stfpm":
-        scoring = ImageScore(**SCORED.get(backbone, {}))
-        return StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring).eval()
+        weight = STFPM_SUBSPACE.get(backbone, 0.0)
+        subspace = fitted(DfmModel(backbone_instance(backbone, 0), taps=(1,), pool=2, score_type="map")) if weight else None
+        model = StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring,
+                           subspace=subspace, subspace_weight=weight).eval()
+        if subspace is not None:
+            model.map_scales.copy_(torch.tensor([0.3, 2.0]))  # any scales: parity must hold for these too
+        return model
     score_type = DFM_SCORE_TYPE.get(backbone, "fre")
-    model = DfmModel(backbone_instance(backbone, 0), taps=DFM_TAPS.get(backbone, (2,)), score_type=score_type,
-                     image_score=ImageScore(**SCORED.get(backbone, {}))).eval()
+    return fitted(DfmModel(backbone_instance(backbone, 0), taps=DFM_TAPS.get(backbone, (2,)), score_type=score_type,
+                           image_score=scoring))
+
+
+def fitted(model: DfmModel) -> DfmModel:
     rng = np.random.default_rng(0)
     normal = np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)])
     with torch.no_grad():
-        features = model.tap_features(torch.from_numpy(normal))
+        features = model.eval().tap_features(torch.from_numpy(normal))
     model.fit(features.reshape(len(normal), -1).numpy())
     return model.eval()
 

@@ -152,3 +152,47 @@ def test_dfm_backbone_is_frozen():
 def test_dfm_rejects_unknown_score_type():
     with pytest.raises(ValueError, match="score_type"):
         DfmModel(build_backbone("mobilenet_v2", pretrained=False), score_type="bogus")
+
+
+def stfpm_with_subspace(weight=2.0, n_images=12):
+    """An STFPM whose subspace term is a DFM fitted on its own teacher's features of plain images."""
+    torch.manual_seed(0)
+    teacher = build_backbone("mobilenet_v2", pretrained=False)
+    student = build_backbone("mobilenet_v2", pretrained=False, bn_momentum=0.1)
+    subspace = DfmModel(teacher, taps=(1,), pool=2, score_type="map")
+    normal = torch.rand(n_images, 3, 64, 64) * 0.1 + 0.45
+    with torch.no_grad():
+        subspace.fit(subspace.tap_features(normal).reshape(n_images, -1).numpy())
+    return StfpmModel(teacher, student, subspace=subspace, subspace_weight=weight).eval(), normal
+
+
+def test_subspace_term_is_added_to_the_scaled_discrepancy_and_shares_the_teacher():
+    model, normal = stfpm_with_subspace(weight=2.0)
+    assert model.subspace.extractor is model.teacher  # one teacher pass feeds both terms
+    model.map_scales.copy_(torch.tensor([0.5, 4.0]))
+    with torch.no_grad():
+        amap, score = model(normal[:3])
+        teacher, student = model.features(normal[:3])
+        discrepancy = anomaly_map(teacher, student, size=(64, 64))
+        subspace_map, _ = model.subspace(normal[:3])  # DFM's own map of the same features (no smoothing)
+    torch.testing.assert_close(amap, discrepancy / 0.5 + 2.0 * subspace_map / 4.0)
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
+    assert "map_scales" in model.state_dict() and "map_scales" not in tiny_stfpm().state_dict()
+
+
+def test_subspace_term_raises_the_score_of_an_image_off_the_normal_subspace():
+    model, normal = stfpm_with_subspace(weight=1.0)
+    outlier = normal[:2].clone()
+    outlier[:, :, 16:40, 16:40] = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        _, normal_error = model.term_maps(normal[:2])
+        _, outlier_error = model.term_maps(outlier)
+    assert torch.all(outlier_error.amax(dim=(1, 2, 3)) > normal_error.amax(dim=(1, 2, 3)).max())
+
+
+def test_subspace_weight_and_subspace_come_together():
+    model, _ = stfpm_with_subspace()
+    with pytest.raises(ValueError, match="subspace"):
+        StfpmModel(model.teacher, model.student, subspace=model.subspace, subspace_weight=0.0)
+    with pytest.raises(ValueError, match="subspace"):
+        StfpmModel(model.teacher, model.student, subspace_weight=1.0)

@@ -12,19 +12,16 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from runtime_helpers import (  # noqa: F401  (fixtures)
-    REPO, Broker, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, needs_mosquitto, run_cli,
-    write_video,
+    REPO, Broker, Subscriber, broker, bundle_dir, cli_env, inside, iou, make_frame, mosquitto, needs_mosquitto,
+    run_cli, write_video,
 )
-from runtime_helpers import Subscriber as PersistentSubscriber
 
 from edge_ad.model.bundle import bundle_hash, read_bundle
 
@@ -36,42 +33,8 @@ DEFECTS = {**{i: BOX_A for i in range(10, 16)}, **{i: BOX_B for i in range(30, 3
 MARGIN = 5  # boxes are on the model grid: one model pixel (256/64 = 4 frame pixels) + 1 for rounding
 
 
-class Subscriber:
-    """Collects (topic, payload, retain) from a broker in a background paho loop."""
-
-    def __init__(self, host: str, port: int, topic: str):
-        self.messages: list[tuple[str, dict, bool]] = []
-        self.lock = threading.Lock()
-        ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        self.client.loop_start()
-        assert ready.wait(5), "subscription not acknowledged"
-
-    def _on_message(self, client, userdata, message) -> None:
-        with self.lock:
-            self.messages.append((message.topic, json.loads(message.payload), bool(message.retain)))
-
-    def wait_for(self, predicate, timeout: float = 10.0) -> list:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                snapshot = list(self.messages)
-            if predicate(snapshot):
-                return snapshot
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; got {[(t, p.get('event'), p.get('state')) for t, p, _ in snapshot]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def offline(messages) -> bool:
-    return any(p.get("event") == "status" and p.get("state") == "offline" for _, p, _ in messages)
+    return any(p.get("event") == "status" and p.get("state") == "offline" for _, p in messages)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +67,7 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
             listener.kill()
     assert listener.returncode == 0
 
-    alerts = [(t, p) for t, p, _ in messages if p["event"] == "alert"]
+    alerts = [(t, p) for t, p in messages if p["event"] == "alert"]
     assert [p["frame_index"] for _, p in alerts] == [12, 32]
     bundle = read_bundle(bundle_dir)
     for (topic, alert), box in zip(alerts, (BOX_A, BOX_B)):
@@ -122,13 +85,13 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
         assert 0.5 < region["peak"] <= 1.0 and region["area"] > 0.8 * box[2] * box[3]
         assert Path(alert["snapshot"]).is_file() and Path(alert["snapshot"]).parent == (tmp_path / "snaps").resolve()
 
-    clears = [(t, p) for t, p, _ in messages if p["event"] == "clear"]
+    clears = [(t, p) for t, p in messages if p["event"] == "clear"]
     assert [(t, p["frame_index"]) for t, p in clears] == [("edge-ad/e2e/line1/clear", 20), ("edge-ad/e2e/line1/clear", 40)]
     assert [p["clears"] for _, p in clears] == [p["event_id"] for _, p in alerts]
 
-    statuses = [(t, p["state"]) for t, p, _ in messages if p["event"] == "status"]
+    statuses = [(t, p["state"]) for t, p in messages if p["event"] == "status"]
     assert statuses[0] == ("edge-ad/e2e/line1/status", "online") and statuses[-1] == ("edge-ad/e2e/line1/status", "offline")
-    beat = [p for t, p, _ in messages if t == "edge-ad/e2e/line1/heartbeat"][-1]
+    beat = [p for t, p in messages if t == "edge-ad/e2e/line1/heartbeat"][-1]
     assert beat["processed"] == 42 and beat["dropped"] == 0 and beat["alerts"] == 2
     assert set(beat["latency_ms"]) == {"p50", "p95", "p99"} and beat["fps"] >= 0
 
@@ -141,8 +104,8 @@ def test_alerts_clears_and_status_over_a_real_broker(mosquitto, bundle_dir, defe
         retained = late.wait_for(lambda m: len(m) >= 1)
     finally:
         late.close()
-    topic, payload, retain = retained[0]
-    assert retain and payload["state"] == "offline" and payload["reason"] == "shutdown"
+    topic, payload = retained[0]
+    assert late.retain_flags[0] and payload["state"] == "offline" and payload["reason"] == "shutdown"
 
 
 def _start_live_run(host, port, bundle_dir, video, device_id):
@@ -165,7 +128,7 @@ def test_sigterm_drains_and_publishes_offline(mosquitto, bundle_dir, long_video)
     sub = Subscriber(host, port, "edge-ad/sigterm/#")
     proc = _start_live_run(host, port, bundle_dir, long_video, "sigterm")
     try:
-        sub.wait_for(lambda m: any(p["event"] == "heartbeat" and p["processed"] > 0 for _, p, _ in m))
+        sub.wait_for(lambda m: any(p["event"] == "heartbeat" and p["processed"] > 0 for _, p in m))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         messages = sub.wait_for(offline)
@@ -175,9 +138,9 @@ def test_sigterm_drains_and_publishes_offline(mosquitto, bundle_dir, long_video)
             proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "Traceback" not in err
-    last = [p for _, p, _ in messages if p["event"] == "status"][-1]
+    last = [p for _, p in messages if p["event"] == "status"][-1]
     assert last["state"] == "offline" and last["reason"] == "shutdown"
-    beat = [p for _, p, _ in messages if p["event"] == "heartbeat"][-1]
+    beat = [p for _, p in messages if p["event"] == "heartbeat"][-1]
     assert 0 < beat["processed"] < 250
 
 
@@ -186,7 +149,7 @@ def test_last_will_reports_offline_when_the_process_dies(mosquitto, bundle_dir, 
     sub = Subscriber(host, port, "edge-ad/killed/+/status")
     proc = _start_live_run(host, port, bundle_dir, long_video, "killed")
     try:
-        sub.wait_for(lambda m: any(p.get("state") == "online" for _, p, _ in m))
+        sub.wait_for(lambda m: any(p.get("state") == "online" for _, p in m))
         proc.kill()
         proc.wait(10)
         messages = sub.wait_for(offline, timeout=15)
@@ -210,7 +173,7 @@ def test_alerts_raised_while_the_broker_is_down_arrive_after_it_returns(needs_mo
     video = write_video(tmp_path / "restart.avi", frames, fps=25)
     broker = Broker(tmp_path / "broker", persistent=True)
     broker.start()
-    sub = PersistentSubscriber(broker.host, broker.port, "edge-ad/restart/#", client_id="sub-restart")
+    sub = Subscriber(broker.host, broker.port, "edge-ad/restart/#", client_id="sub-restart")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_ad", "--video", str(video), "--realtime", "--model", str(bundle_dir),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--device-id", "restart",

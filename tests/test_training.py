@@ -76,6 +76,31 @@ def test_stfpm_records_validation_model_selection(stfpm_run):
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
 
+def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, synthetic_root, tmp_path):
+    """The default STFPM adds DFM's reconstruction error on its teacher's features; the run records the
+    recipe and its shapes, and the scales make each term's mean image score on validation normals 1."""
+    from training.pipeline import loader, prepare_data
+
+    saved = json.loads((stfpm_run / "config.json").read_text())
+    assert saved["subspace_weight"] > 0
+    recipe = saved["subspace"]
+    assert (recipe["taps"], recipe["pool"], recipe["augment"]) == (DfmConfig.taps, DfmConfig.pool, DfmConfig.augment)
+    model, _ = load_model(stfpm_run)
+    assert model.subspace.n_components == recipe["n_components"] > 0
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size")})
+    data = prepare_data(config)
+    with torch.no_grad():
+        terms = [torch.cat(parts) for parts in zip(*(model.term_maps(batch["image"])
+                                                     for batch in loader(data.validation, data, config)))]
+    means = [float((term.amax(dim=(1, 2, 3)) / scale).mean()) for term, scale in zip(terms, model.map_scales)]
+    assert means == pytest.approx([1.0, 1.0], rel=1e-4)
+
+    plain = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                    batch_size=8, out=str(tmp_path), subspace_weight=0.0))
+    assert "subspace" not in json.loads((plain / "config.json").read_text())
+    assert load_model(plain)[0].subspace is None
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(RunDirError, match="not found"):
         load_model(tmp_path / "missing")

@@ -48,13 +48,10 @@ def collect_features(model: DfmModel, batches, device: torch.device, desc: str =
     return np.concatenate(chunks)
 
 
-def train(config: DfmConfig) -> Path:
-    parse_taps(config.taps)
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    data = prepare_data(config)
-    model = build_model(config).to(device).eval()
-    started = time.perf_counter()
+def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device) -> int:
+    """Fit the PCA on the training images (and posed copies with --augment); returns the feature size.
+
+    Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher."""
     features = collect_features(model, loader(data.train, data, config), device)
     if Augmentation.parse(config.augment).active:
         posed = loader(data.train, data, config, augment=True)
@@ -62,11 +59,22 @@ def train(config: DfmConfig) -> Path:
                                                 for i in range(AUGMENTED_PASSES)])
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)
-    train_time = time.perf_counter() - started
     log.info("PCA on %d images x %d features kept %d components", *features.shape, model.n_components)
+    return int(features.shape[1])
+
+
+def train(config: DfmConfig) -> Path:
+    parse_taps(config.taps)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    data = prepare_data(config)
+    model = build_model(config).to(device).eval()
+    started = time.perf_counter()
+    feature_dim = fit_subspace(model, data, config, device)
+    train_time = time.perf_counter() - started
     return evaluate_and_save(
         model, config, data, device, train_time,
-        extra_config={"feature_dim": int(features.shape[1]), "n_components": model.n_components},
+        extra_config={"feature_dim": feature_dim, "n_components": model.n_components},
     )
 
 

@@ -6,13 +6,16 @@ import copy
 import logging
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from training.backbones import build_backbone
-from training.config import StfpmConfig, parse_config, parse_taps
+from training.config import DfmConfig, StfpmConfig, TrainConfig, parse_config, parse_taps
+from training.dfm import fit_subspace
+from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.stfpm.anomaly_map import COMBINES
@@ -29,13 +32,49 @@ SCHEDULES = ("constant", "cosine")
 STUDENT_BN_MOMENTUM = 0.1  # PyTorch's default; the TF-style 0.01 leaves a fresh student's stats stale
 
 
+def subspace_config(config: StfpmConfig) -> DfmConfig:
+    """The subspace term is the default DFM recipe (taps, pooling, posed copies, variance kept) on the
+    teacher: one recipe, chosen once (benchmarks/levers.py), for DFM and for this term."""
+    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if f.name not in DFM_OWN}
+    return DfmConfig(**shared)
+
+
+DFM_OWN = {"augment", "smooth_sigma", "score_reduction", "topk_fraction", "algorithm"}
+
+
 def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmModel:
+    """An untrained model when pretrained; a trained run's shapes (and its subspace's) come from its config."""
     config = config if isinstance(config, dict) else config.to_dict()
     teacher = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
     student = build_backbone(config["backbone"], pretrained=False, bn_momentum=STUDENT_BN_MOMENTUM)
+    weight = float(config.get("subspace_weight", 0.0))  # runs saved before the term existed have none
+    subspace = None
+    if weight > 0:
+        recipe = config.get("subspace") or subspace_config(StfpmConfig(**_own_fields(config))).to_dict()
+        subspace = DfmModel(teacher, taps=parse_taps(recipe["taps"]), pool=recipe["pool"], score_type="map",
+                            feature_dim=recipe.get("feature_dim", 0), n_components=recipe.get("n_components", 0))
     return StfpmModel(teacher, student, image_score_from(config),
                       map_taps=parse_taps(config.get("map_taps", "0,1,2"), "--map-taps"),
-                      map_combine=config.get("map_combine", "product"))
+                      map_combine=config.get("map_combine", "product"), subspace=subspace, subspace_weight=weight)
+
+
+def _own_fields(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in {f.name for f in fields(StfpmConfig)}}
+
+
+@torch.no_grad()
+def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
+    """Divide each term of the map by its mean image score on held-out normal images, so that
+    subspace_weight means the same on every category and backbone."""
+    if model.subspace is None:
+        return
+    model.eval()
+    totals, count = torch.zeros(2, device=device), 0
+    for batch in batches:
+        for index, term in enumerate(model.term_maps(batch["image"].to(device))):
+            totals[index] += model.image_score(term)[1].sum()
+        count += len(batch["image"])
+    model.map_scales.copy_((totals / max(count, 1)).clamp_min(1e-12))
 
 
 @torch.no_grad()
@@ -78,6 +117,8 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {config.select!r}")
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.subspace_weight < 0:
+        raise ValueError(f"--subspace-weight must be >= 0, got {config.subspace_weight}")
     if not 0.0 <= config.hard_quantile < 1.0:
         raise ValueError(f"--hard-quantile must be in [0, 1), got {config.hard_quantile}")
     Augmentation.parse(config.augment)
@@ -95,6 +136,14 @@ def train(config: StfpmConfig) -> Path:
                  if config.lr_schedule == "cosine" else None)
     epoch_batches = training_batches(data, config, device)
     validation_batches = preload(loader(data.validation, data, config), device)
+    subspace = None
+    if model.subspace is not None:
+        recipe = subspace_config(config)
+        log.info("fitting the subspace term (DFM on the teacher's features, weight %g)", config.subspace_weight)
+        feature_dim = fit_subspace(model.subspace, data, recipe, device)
+        subspace = {"taps": recipe.taps, "pool": recipe.pool, "augment": recipe.augment,
+                    "variance_ratio": recipe.variance_ratio, "feature_dim": feature_dim,
+                    "n_components": model.subspace.n_components}
     synthetic_batches = preload(synthetic_validation(data, config), device) if config.select == "synthetic" else None
     log.info("training STFPM (%s) on %s for %d epochs, keeping the epoch with the %s", config.backbone, device,
              config.epochs, "best AUROC on synthetic validation defects" if synthetic_batches else "lowest validation loss")
@@ -121,6 +170,7 @@ def train(config: StfpmConfig) -> Path:
         val_loss = validation_loss(model, validation_batches, device)
         record = {"epoch": epoch, "train_loss": running / max(seen, 1), "validation_loss": val_loss}
         if synthetic_batches is not None:
+            calibrate_map_scales(model, validation_batches, device)
             record["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_batches, device)
             key = (record["synthetic_validation_auroc"], -val_loss)  # ties: the lower loss
         else:
@@ -136,11 +186,13 @@ def train(config: StfpmConfig) -> Path:
     train_time = time.perf_counter() - started
     if best_state is not None:
         model.student.load_state_dict(best_state)
+    calibrate_map_scales(model, validation_batches, device)
     kept = history[best_epoch - 1]
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")
     extra = {"best_epoch": best_epoch, "best_validation_loss": kept["validation_loss"], "history": history}
-    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra)
+    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra,
+                             extra_config={"subspace": subspace} if subspace else None)
 
 
 def main(argv: list[str] | None = None) -> int:

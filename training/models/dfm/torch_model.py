@@ -64,7 +64,10 @@ class DfmModel(nn.Module):
         return int(self.components.shape[0])
 
     def tap_features(self, images: torch.Tensor) -> torch.Tensor:
-        all_features = self.extractor(images)
+        return self.select_taps(self.extractor(images))
+
+    def select_taps(self, all_features: list[torch.Tensor]) -> torch.Tensor:
+        """The backbone's tap outputs -> the pooled (N, C, h, w) features the PCA sees."""
         grid = all_features[max(self.taps)].shape[-2:]
         parts = []
         for tap in self.taps:
@@ -92,20 +95,29 @@ class DfmModel(nn.Module):
         floor = max(float(pca.explained_variance_.max()) * 1e-6, 1e-12)
         self.variances = torch.as_tensor(np.maximum(pca.explained_variance_, floor), dtype=torch.float32)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.tap_features(images)
+    def residual(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, h, w) features -> (projection (N, k), squared reconstruction error (N, C, h, w))."""
         batch = features.shape[0]
         centered = features.reshape(batch, -1) - self.mean
         # OpenVINO stores `components` twice (as is and transposed) so both products run as fast
         # fully-connected layers; a one-copy graph was measured slower (benchmarks/README_SECTION_speed.md).
         projection = centered @ self.components.T
         residual = centered - projection @ self.components
-        squared_error = residual.pow(2)
-        amap, map_score = self.image_score(reconstruction_map(squared_error.reshape(features.shape), size=images.shape[-2:]))
+        return projection, residual.pow(2).reshape(features.shape)
+
+    def error_map(self, all_features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """The unsmoothed reconstruction-error map of already computed backbone features (STFPM's
+        teacher features, when this model is STFPM's subspace term)."""
+        return reconstruction_map(self.residual(self.select_taps(all_features))[1], size=size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.tap_features(images)
+        projection, squared_error = self.residual(features)
+        amap, map_score = self.image_score(reconstruction_map(squared_error, size=images.shape[-2:]))
         if self.score_type == "map":
             score = map_score
         elif self.score_type == "fre":
-            score = squared_error.sum(dim=1)
+            score = squared_error.flatten(1).sum(dim=1)
         else:
             log_det = torch.log(self.variances).sum()
             score = 0.5 * (projection.pow(2) / self.variances).sum(dim=1) + 0.5 * log_det

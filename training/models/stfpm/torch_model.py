@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.models.dfm import DfmModel
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import anomaly_map
 
@@ -14,11 +15,25 @@ class StfpmModel(nn.Module):
 
     forward(images in [0,1], NCHW) -> (anomaly_map (N,1,H,W), score (N,)), raw values; the map is
     smoothed and reduced to the score by `image_score` (plain max when not given).
+
+    With a `subspace` (a DFM fitted on the teacher's own features, sharing the teacher), the map is
+    student discrepancy / scale + subspace_weight * reconstruction error / scale, each term divided
+    by its mean image score on held-out normal images (`map_scales`). Why: a student trained from
+    scratch also learns to imitate the teacher on defects it never saw (on MVTec screw it ranks
+    them barely above chance), while a defect that breaks the normal images' feature subspace
+    cannot be imitated; the teacher's features are computed anyway, so the term costs two matmuls.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None,
-                 map_taps: tuple[int, ...] | None = None, map_combine: str = "product"):
+                 map_taps: tuple[int, ...] | None = None, map_combine: str = "product",
+                 subspace: DfmModel | None = None, subspace_weight: float = 0.0):
         super().__init__()
+        if (subspace is None) != (subspace_weight == 0.0):
+            raise ValueError("a subspace term needs a weight > 0, and a weight needs a subspace")
+        self.subspace = subspace
+        self.subspace_weight = float(subspace_weight)
+        if subspace is not None:  # not trained: set on held-out normal images (training.stfpm.calibrate_map_scales)
+            self.register_buffer("map_scales", torch.ones(2))
         self.map_taps = None if map_taps is None else tuple(int(t) for t in map_taps)
         self.map_combine = map_combine
         self.teacher = teacher
@@ -39,7 +54,19 @@ class StfpmModel(nn.Module):
             teacher_features = self.teacher(images)
         return teacher_features, self.student(images)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def term_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unscaled student-discrepancy map and the subspace error map (None without a subspace)."""
         teacher_features, student_features = self.features(images)
-        return self.image_score(anomaly_map(teacher_features, student_features, size=images.shape[-2:],
-                                            taps=self.map_taps, combine=self.map_combine))
+        size = images.shape[-2:]
+        discrepancy = anomaly_map(teacher_features, student_features, size=size, taps=self.map_taps,
+                                  combine=self.map_combine)
+        if self.subspace is None:
+            return discrepancy, None
+        return discrepancy, self.subspace.error_map(teacher_features, size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        discrepancy, subspace_error = self.term_maps(images)
+        if subspace_error is None:
+            return self.image_score(discrepancy)
+        return self.image_score(discrepancy / self.map_scales[0]
+                                + self.subspace_weight * subspace_error / self.map_scales[1])
