@@ -29,6 +29,7 @@ from training.config import DfmConfig, StfpmConfig, parse_taps
 from training.models.image_score import ImageScore
 from training.pipeline import (
     evaluate_and_save,
+    loader,
     prepare_data,
     resolve_device,
 )
@@ -77,9 +78,15 @@ SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma", "map_taps", 
 KEEP_MARGIN = 0.01
 
 
+# Options added after runs were keyed: at these values they train what runs from before them trained, so the key
+# leaves them out and those runs are still found.
+LATER_OPTIONS = {"subspace_weight": 0.0}
+
+
 def _key(config) -> str:
     skip = {"out", "data_root", "device"}
-    return json.dumps({k: v for k, v in sorted(config.to_dict().items()) if k not in skip}, sort_keys=True)
+    return json.dumps({k: v for k, v in sorted(config.to_dict().items())
+                       if k not in skip and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}, sort_keys=True)
 
 
 def _find_run(out: Path, config) -> Path | None:
@@ -99,10 +106,15 @@ def _rescore(base_run: Path, config) -> Path:
         model.map_combine = config.map_combine
     device = resolve_device(config.device)
     data = prepare_data(config)
+    model = model.to(device)
+    if config.algorithm == "stfpm":  # a new image score: the subspace term's scales follow it
+        stfpm_cli.calibrate_map_scales(model, loader(data.validation, data, config), device)
     base_metrics = read_json(base_run, "metrics.json")
     keep = {k: base_metrics[k] for k in ("best_epoch", "history") if k in base_metrics}
-    return evaluate_and_save(model.to(device), config, data, device, base_metrics.get("train_time_s", 0.0),
-                             extra_metrics={**keep, "rescored_from": str(base_run)})
+    # The fitted shapes the base run recorded (DFM's PCA, STFPM's subspace term) make the new run loadable too.
+    fitted = {k: v for k, v in read_json(base_run, "config.json").items() if k not in config.to_dict()}
+    return evaluate_and_save(model, config, data, device, base_metrics.get("train_time_s", 0.0),
+                             extra_config=fitted, extra_metrics={**keep, "rescored_from": str(base_run)})
 
 
 def run_step(config, out: Path, base_run: Path | None, scoring_only: bool) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 from benchmarks.peer_anomalib import _mib
 from benchmarks.variants import Variant, save_variants
 from edge_ad.ops.tool_cli import run_tool
+from training.config import StfpmConfig
 
 log = logging.getLogger("benchmarks.run")
 
@@ -69,6 +70,8 @@ def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_r
     same = (config.get("algorithm"), config.get("backbone"), config.get("category"), config.get("image_size")) == (
         algorithm, backbone, category, image_size)
     same_root = Path(config.get("data_root", "")).resolve() == data_root.resolve()
+    if algorithm == "stfpm":  # today's default recipe: a student-only run from before is not it
+        same = same and float(config.get("subspace_weight", 0.0)) == StfpmConfig.subspace_weight
     return same and same_root and (epochs is None or config.get("epochs") == epochs)
 
 

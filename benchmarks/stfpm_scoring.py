@@ -33,6 +33,7 @@ from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
+from training.models.stfpm.torch_model import add_subspace_term
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
 
@@ -72,7 +73,7 @@ def score(maps: dict, taps, how: str, scorer: ImageScore, scales: tuple[float, f
     """The variant's map and image scores; with a subspace term, added to it as the model does."""
     amap = combine(maps["maps"], taps, how)
     if scales is not None:
-        amap = amap / scales[0] + weight * maps["subspace"] / scales[1]
+        amap = add_subspace_term(amap, maps["subspace"], scales, weight)
     amap, image_score = scorer(amap)
     return amap[:, 0].numpy(), image_score.numpy()
 
@@ -82,7 +83,8 @@ def term_scales(maps: dict, taps, how: str, scorer: ImageScore) -> tuple[float, 
     it, recomputed for the variant's own discrepancy map."""
     if maps["subspace"] is None:
         return None
-    return (float(scorer(combine(maps["maps"], taps, how))[1].mean()), float(scorer(maps["subspace"])[1].mean()))
+    terms = (combine(maps["maps"], taps, how), maps["subspace"])
+    return tuple(max(float(scorer(term)[1].mean()), 1e-12) for term in terms)
 
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,

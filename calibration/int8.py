@@ -52,7 +52,7 @@ class Recipe:
     overflow_fix: str | None = None  # None: NNCF's default ("first_layer_only"); "disable"; "enable"
     activations_range: str | None = None  # None: NNCF default; a RangeEstimatorParametersSet name
     weights_only: bool = False  # nncf.compress_weights INT8 (activations stay FP32) instead
-    compress_head_matmuls: bool = False  # DFM's PCA MatMuls: INT8 weights, FP32 activations (memory-bound)
+    compress_head_matmuls: bool = False  # PCA MatMuls (DFM, STFPM's subspace term): INT8 weights, FP32 activations
 
     def settings(self) -> dict:
         return asdict(self)
@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("head-fp32-mixed-w7-first-bc", "+ full BiasCorrection (fast_bias_correction=False)",
                overflow_fix="enable", keep_first_conv_fp32=True, fast_bias_correction=False),
         Recipe("recommended", "anomaly head and first convolution FP32, MIXED preset, 7-bit weights "
-               "(OverflowFix.ENABLE), full BiasCorrection; head MatMul weights (DFM's PCA) INT8 weight-only",
+               "(OverflowFix.ENABLE), full BiasCorrection; head MatMul weights (the PCA) INT8 weight-only",
                overflow_fix="enable", keep_first_conv_fp32=True, fast_bias_correction=False, compress_head_matmuls=True),
         Recipe("recommended-w8", "'recommended' with 8-bit weights (OverflowFix.DISABLE): full weight resolution, "
                "only for CPUs whose INT8 kernels do not saturate int16 (VNNI, AMX)",
@@ -136,7 +136,8 @@ def _quiet_nncf() -> Iterator[None]:
 
 
 def compress_head_matmuls(model: ov.Model, head: list[str]) -> tuple[ov.Model, list[str]]:
-    """INT8 weight-only compression of the head's MatMuls (DFM: PCA projection and reconstruction).
+    """INT8 weight-only compression of the head's MatMuls (the PCA projection and reconstruction of DFM and of
+    STFPM's subspace term).
 
     Those matmuls read ~18 MB of FP32 components per frame each: memory-bound, so INT8 weights
     with FP32 activations cut their time without putting quantizers into the small residual

@@ -160,7 +160,12 @@ def test_graph_split_finds_the_head_of_both_algorithms():
     # A smoothed, top-k scored map: the blur's constant 1->1 convolutions belong to the head (kept FP32).
     smoothed = StfpmModel(build_backbone("mobilenet_v2", pretrained=False), build_backbone("mobilenet_v2", pretrained=False),
                           ImageScore(smooth_sigma=4.0, reduction="topk"))
+    teacher = build_backbone("mobilenet_v2", pretrained=False)
+    with_subspace = StfpmModel(teacher, build_backbone("mobilenet_v2", pretrained=False),
+                               subspace=DfmModel(teacher, taps=(1,), pool=2, score_type="map",
+                                                 feature_dim=32 * 4 * 4, n_components=4), subspace_weight=2.0)
     cases = ((stfpm, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "ReduceMax"}, 0),
+             (with_subspace, {"ReduceL2", "MatMul", "Interpolate", "Add", "ReduceMax"}, 0),  # PCA matmuls: head
              (dfm, {"MatMul", "Interpolate"}, 0),
              (smoothed, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "TopK"}, 2))
     for model, head_types, blur_convs in cases:

@@ -95,6 +95,14 @@ def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, 
     means = [float((term.amax(dim=(1, 2, 3)) / scale).mean()) for term, scale in zip(terms, model.map_scales)]
     assert means == pytest.approx([1.0, 1.0], rel=1e-4)
 
+    broken = tmp_path / "no-record"
+    broken.mkdir()
+    for name in ("model.pt", "metrics.json", "split.json"):
+        (broken / name).write_bytes((stfpm_run / name).read_bytes())
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "subspace"}))
+    with pytest.raises(RunDirError, match="no \"subspace\" record"):
+        load_model(broken)
+
     plain = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
                                     batch_size=8, out=str(tmp_path), subspace_weight=0.0))
     assert "subspace" not in json.loads((plain / "config.json").read_text())

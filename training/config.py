@@ -47,8 +47,9 @@ class StfpmConfig(TrainConfig):
     map_taps: str = "0,1,2"  # taps whose maps make the anomaly map (the loss always uses all three)
     map_combine: str = "product"  # product (the paper's) or sum of the per-tap maps
     hard_quantile: float = 0.0  # train on the hardest positions only (EfficientAD's hard feature loss); 0: all
-    # The teacher-feature subspace (DFM) term's weight in the map (0: plain STFPM). Chosen on synthetic validation
-    # defects (README "Training recipe", round 4): 1 lifted screw 0.766 -> 0.929, 2 -> 0.944, 4 only +0.002.
+    # The teacher-feature subspace (DFM) term's weight in the map (0: the paper's STFPM). A student also learns
+    # to imitate the teacher on defects; a defect off the normal feature subspace cannot be imitated. 2 was
+    # chosen on synthetic validation defects (README "Training recipe", round 4).
     subspace_weight: float = 2.0
     algorithm: str = "stfpm"
 

@@ -68,7 +68,10 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
         from training.dfm import build_model
     else:
         raise RunDirError(f"unknown algorithm {algorithm!r} in {run_dir / CONFIG_FILE}")
-    model = build_model(config, pretrained=False)
+    try:
+        model = build_model(config, pretrained=False)
+    except ValueError as exc:  # a config this code cannot rebuild a model from
+        raise RunDirError(f"cannot rebuild the model of {run_dir}: {exc}") from exc
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

@@ -32,14 +32,27 @@ SCHEDULES = ("constant", "cosine")
 STUDENT_BN_MOMENTUM = 0.1  # PyTorch's default; the TF-style 0.01 leaves a fresh student's stats stale
 
 
-def subspace_config(config: StfpmConfig) -> DfmConfig:
+# What the subspace term takes from DFM's own defaults rather than from the STFPM run's settings.
+DFM_RECIPE_FIELDS = {"augment", "smooth_sigma", "score_reduction", "topk_fraction", "algorithm"}
+
+
+def subspace_recipe(config: StfpmConfig) -> DfmConfig:
     """The subspace term is the default DFM recipe (taps, pooling, posed copies, variance kept) on the
     teacher: one recipe, chosen once (benchmarks/levers.py), for DFM and for this term."""
-    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if f.name not in DFM_OWN}
+    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if f.name not in DFM_RECIPE_FIELDS}
     return DfmConfig(**shared)
 
 
-DFM_OWN = {"augment", "smooth_sigma", "score_reduction", "topk_fraction", "algorithm"}
+def subspace_record(model: StfpmModel, recipe: DfmConfig) -> dict:
+    """config.json's "subspace": what rebuilding the fitted term needs (taps, pool, shapes), and how it was fitted."""
+    subspace = model.subspace
+    return {"taps": ",".join(map(str, subspace.taps)), "pool": subspace.pool,
+            "feature_dim": int(subspace.mean.numel()), "n_components": subspace.n_components,
+            "augment": recipe.augment, "variance_ratio": recipe.variance_ratio}
+
+
+def stfpm_fields(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in {f.name for f in fields(StfpmConfig)}}
 
 
 def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmModel:
@@ -50,22 +63,23 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
     weight = float(config.get("subspace_weight", 0.0))  # runs saved before the term existed have none
     subspace = None
     if weight > 0:
-        recipe = config.get("subspace") or subspace_config(StfpmConfig(**_own_fields(config))).to_dict()
-        subspace = DfmModel(teacher, taps=parse_taps(recipe["taps"]), pool=recipe["pool"], score_type="map",
-                            feature_dim=recipe.get("feature_dim", 0), n_components=recipe.get("n_components", 0))
+        record = config.get("subspace")
+        if record is None and not pretrained:
+            raise ValueError("the run's config.json has subspace_weight > 0 but no \"subspace\" record of the fitted "
+                             "term: it cannot be rebuilt")
+        record = record or subspace_recipe(StfpmConfig(**stfpm_fields(config))).to_dict()
+        subspace = DfmModel(teacher, taps=parse_taps(record["taps"]), pool=record["pool"], score_type="map",
+                            feature_dim=record.get("feature_dim", 0), n_components=record.get("n_components", 0))
     return StfpmModel(teacher, student, image_score_from(config),
                       map_taps=parse_taps(config.get("map_taps", "0,1,2"), "--map-taps"),
                       map_combine=config.get("map_combine", "product"), subspace=subspace, subspace_weight=weight)
 
 
-def _own_fields(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k in {f.name for f in fields(StfpmConfig)}}
-
-
 @torch.no_grad()
 def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
     """Divide each term of the map by its mean image score on held-out normal images, so that
-    subspace_weight means the same on every category and backbone."""
+    subspace_weight means the same on every category and backbone (benchmarks/stfpm_scoring.py
+    does the same for each scoring variant)."""
     if model.subspace is None:
         return
     model.eval()
@@ -136,20 +150,18 @@ def train(config: StfpmConfig) -> Path:
                  if config.lr_schedule == "cosine" else None)
     epoch_batches = training_batches(data, config, device)
     validation_batches = preload(loader(data.validation, data, config), device)
-    subspace = None
+    started = time.perf_counter()  # the training time includes the subspace term's PCA fit
+    extra_config = None
     if model.subspace is not None:
-        recipe = subspace_config(config)
+        recipe = subspace_recipe(config)
         log.info("fitting the subspace term (DFM on the teacher's features, weight %g)", config.subspace_weight)
-        feature_dim = fit_subspace(model.subspace, data, recipe, device)
-        subspace = {"taps": recipe.taps, "pool": recipe.pool, "augment": recipe.augment,
-                    "variance_ratio": recipe.variance_ratio, "feature_dim": feature_dim,
-                    "n_components": model.subspace.n_components}
+        fit_subspace(model.subspace, data, recipe, device)
+        extra_config = {"subspace": subspace_record(model, recipe)}
     synthetic_batches = preload(synthetic_validation(data, config), device) if config.select == "synthetic" else None
     log.info("training STFPM (%s) on %s for %d epochs, keeping the epoch with the %s", config.backbone, device,
              config.epochs, "best AUROC on synthetic validation defects" if synthetic_batches else "lowest validation loss")
 
     best_key, best_state, best_epoch, history = None, None, -1, []
-    started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
@@ -191,8 +203,7 @@ def train(config: StfpmConfig) -> Path:
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")
     extra = {"best_epoch": best_epoch, "best_validation_loss": kept["validation_loss"], "history": history}
-    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra,
-                             extra_config={"subspace": subspace} if subspace else None)
+    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra, extra_config=extra_config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,7 @@ class DfmModel(nn.Module):
         floor = max(float(pca.explained_variance_.max()) * 1e-6, 1e-12)
         self.variances = torch.as_tensor(np.maximum(pca.explained_variance_, floor), dtype=torch.float32)
 
-    def residual(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruction_error(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C, h, w) features -> (projection (N, k), squared reconstruction error (N, C, h, w))."""
         batch = features.shape[0]
         centered = features.reshape(batch, -1) - self.mean
@@ -108,11 +108,11 @@ class DfmModel(nn.Module):
     def error_map(self, all_features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """The unsmoothed reconstruction-error map of already computed backbone features (STFPM's
         teacher features, when this model is STFPM's subspace term)."""
-        return reconstruction_map(self.residual(self.select_taps(all_features))[1], size=size)
+        return reconstruction_map(self.reconstruction_error(self.select_taps(all_features))[1], size=size)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.tap_features(images)
-        projection, squared_error = self.residual(features)
+        projection, squared_error = self.reconstruction_error(features)
         amap, map_score = self.image_score(reconstruction_map(squared_error, size=images.shape[-2:]))
         if self.score_type == "map":
             score = map_score

@@ -10,6 +10,11 @@ from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import anomaly_map
 
 
+def add_subspace_term(discrepancy: torch.Tensor, subspace_error: torch.Tensor, scales, weight: float) -> torch.Tensor:
+    """Each term over its mean image score on validation normals, the subspace term weighted."""
+    return discrepancy / scales[0] + weight * subspace_error / scales[1]
+
+
 class StfpmModel(nn.Module):
     """Frozen pretrained teacher + student of the same architecture trained from scratch.
 
@@ -21,7 +26,8 @@ class StfpmModel(nn.Module):
     by its mean image score on held-out normal images (`map_scales`). Why: a student trained from
     scratch also learns to imitate the teacher on defects it never saw (on MVTec screw it ranks
     them barely above chance), while a defect that breaks the normal images' feature subspace
-    cannot be imitated; the teacher's features are computed anyway, so the term costs two matmuls.
+    cannot be imitated. The teacher's features are computed anyway: the term costs two matmuls, but
+    their PCA matrices add 7-9 MB (INT8 weights) to 30 MB (FP32) to a bundle.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None,
@@ -68,5 +74,4 @@ class StfpmModel(nn.Module):
         discrepancy, subspace_error = self.term_maps(images)
         if subspace_error is None:
             return self.image_score(discrepancy)
-        return self.image_score(discrepancy / self.map_scales[0]
-                                + self.subspace_weight * subspace_error / self.map_scales[1])
+        return self.image_score(add_subspace_term(discrepancy, subspace_error, self.map_scales, self.subspace_weight))
