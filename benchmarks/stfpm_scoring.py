@@ -33,7 +33,7 @@ from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
-from training.models.stfpm.torch_model import add_subspace_term
+from training.models.stfpm.torch_model import add_subspace_term, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
 
@@ -78,13 +78,11 @@ def score(maps: dict, taps, how: str, scorer: ImageScore, scales: tuple[float, f
     return amap[:, 0].numpy(), image_score.numpy()
 
 
-def term_scales(maps: dict, taps, how: str, scorer: ImageScore) -> tuple[float, float] | None:
-    """Each term's mean image score on validation normals, as training.stfpm.calibrate_map_scales sets
-    it, recomputed for the variant's own discrepancy map."""
+def variant_scales(maps: dict, taps, how: str, scorer: ImageScore) -> tuple[float, float] | None:
+    """The subspace term's scales, as training sets them, recomputed for the variant's own map."""
     if maps["subspace"] is None:
         return None
-    terms = (combine(maps["maps"], taps, how), maps["subspace"])
-    return tuple(max(float(scorer(term)[1].mean()), 1e-12) for term in terms)
+    return tuple(term_scales(scorer, combine(maps["maps"], taps, how), maps["subspace"]).tolist())
 
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
@@ -105,7 +103,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         if len(taps) == 1 and how == "sum":
             continue  # one tap: product and sum are the same map
         scorer = ImageScore(sigma, reduction, fraction)
-        term = (term_scales(sets["validation"], taps, how, scorer), model.subspace_weight)
+        term = (variant_scales(sets["validation"], taps, how, scorer), model.subspace_weight)
         _, synthetic_scores = score(sets["synthetic"], taps, how, scorer, *term)
         val_maps, val_scores = score(sets["validation"], taps, how, scorer, *term)
         test_maps, test_scores = score(sets["test"], taps, how, scorer, *term)

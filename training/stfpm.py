@@ -18,6 +18,7 @@ from training.dfm import fit_subspace
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
+from training.models.stfpm.torch_model import term_scales
 from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
 from training.pipeline import (
@@ -77,18 +78,12 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
 
 @torch.no_grad()
 def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
-    """Divide each term of the map by its mean image score on held-out normal images, so that
-    subspace_weight means the same on every category and backbone (benchmarks/stfpm_scoring.py
-    does the same for each scoring variant)."""
+    """Set each term's scale from the held-out normal images (`term_scales`)."""
     if model.subspace is None:
         return
     model.eval()
-    totals, count = torch.zeros(2, device=device), 0
-    for batch in batches:
-        for index, term in enumerate(model.term_maps(batch["image"].to(device))):
-            totals[index] += model.image_score(term)[1].sum()
-        count += len(batch["image"])
-    model.map_scales.copy_((totals / max(count, 1)).clamp_min(1e-12))
+    terms = [model.term_maps(batch["image"].to(device)) for batch in batches]
+    model.map_scales.copy_(term_scales(model.image_score, *(torch.cat(maps) for maps in zip(*terms))))
 
 
 @torch.no_grad()

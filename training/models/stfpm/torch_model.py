@@ -15,6 +15,12 @@ def add_subspace_term(discrepancy: torch.Tensor, subspace_error: torch.Tensor, s
     return discrepancy / scales[0] + weight * subspace_error / scales[1]
 
 
+def term_scales(image_score: ImageScore, discrepancy: torch.Tensor, subspace_error: torch.Tensor) -> torch.Tensor:
+    """Each term's mean image score over normal images' (N,1,H,W) maps: the scales that make a subspace
+    weight mean the same on every category and backbone."""
+    return torch.stack([image_score(term)[1].mean() for term in (discrepancy, subspace_error)]).clamp_min(1e-12)
+
+
 class StfpmModel(nn.Module):
     """Frozen pretrained teacher + student of the same architecture trained from scratch.
 
