@@ -94,6 +94,13 @@ def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, 
                                                      for batch in loader(data.validation, data, config)))]
     means = [float((term.amax(dim=(1, 2, 3)) / scale).mean()) for term, scale in zip(terms, model.map_scales)]
     assert means == pytest.approx([1.0, 1.0], rel=1e-4)
+    # the per-epoch validation pass computes the loss and, from the same features, the scales
+    fitted_scales = model.map_scales.clone()
+    batches = list(loader(data.validation, data, config))
+    loss = stfpm.validation_pass(model, batches, torch.device("cpu"))
+    model.map_scales.fill_(7.0)
+    assert stfpm.validation_pass(model, batches, torch.device("cpu"), calibrate_scales=True) == pytest.approx(loss)
+    assert torch.allclose(model.map_scales, fitted_scales, rtol=1e-5)
 
     broken = tmp_path / "no-record"
     broken.mkdir()

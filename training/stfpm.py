@@ -77,23 +77,20 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
 
 
 @torch.no_grad()
-def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
-    """Set each term's scale from the held-out normal images (`term_scales`)."""
-    if model.subspace is None:
-        return
+def validation_pass(model: StfpmModel, batches, device: torch.device, calibrate_scales: bool = False) -> float:
+    """The validation loss; with calibrate_scales, also each term's scale (`term_scales`) from the same
+    teacher and student features, so an epoch that needs both runs the networks over validation once."""
     model.eval()
-    terms = [model.term_maps(batch["image"].to(device)) for batch in batches]
-    model.map_scales.copy_(term_scales(model.image_score, *(torch.cat(maps) for maps in zip(*terms))))
-
-
-@torch.no_grad()
-def validation_loss(model: StfpmModel, batches, device: torch.device) -> float:
-    model.eval()
-    total, count = 0.0, 0
+    total, count, terms = 0.0, 0, []
     for batch in batches:
         images = batch["image"].to(device)
-        total += float(stfpm_loss(*model.features(images))) * len(images)
+        teacher_features, student_features = model.features(images)
+        total += float(stfpm_loss(teacher_features, student_features)) * len(images)
         count += len(images)
+        if calibrate_scales and model.subspace is not None:
+            terms.append(model.term_maps_from_features(teacher_features, student_features, images.shape[-2:]))
+    if terms:
+        model.map_scales.copy_(term_scales(model.image_score, *(torch.cat(maps) for maps in zip(*terms))))
     return total / max(count, 1)
 
 
@@ -174,10 +171,10 @@ def train(config: StfpmConfig) -> Path:
             progress.set_postfix(loss=f"{running / seen:.4f}")
         if scheduler is not None:
             scheduler.step()
-        val_loss = validation_loss(model, validation_batches, device)
+        # synthetic selection scores the full map, which needs this epoch's term scales
+        val_loss = validation_pass(model, validation_batches, device, calibrate_scales=synthetic_batches is not None)
         record = {"epoch": epoch, "train_loss": running / max(seen, 1), "validation_loss": val_loss}
         if synthetic_batches is not None:
-            calibrate_map_scales(model, validation_batches, device)
             record["synthetic_validation_auroc"] = synthetic_auroc(model, synthetic_batches, device)
             key = (record["synthetic_validation_auroc"], -val_loss)  # ties: the lower loss
         else:
@@ -193,7 +190,7 @@ def train(config: StfpmConfig) -> Path:
     train_time = time.perf_counter() - started
     if best_state is not None:
         model.student.load_state_dict(best_state)
-    calibrate_map_scales(model, validation_batches, device)
+    validation_pass(model, validation_batches, device, calibrate_scales=True)
     kept = history[best_epoch - 1]
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")

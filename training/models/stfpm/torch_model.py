@@ -44,7 +44,7 @@ class StfpmModel(nn.Module):
             raise ValueError("a subspace term needs a weight > 0, and a weight needs a subspace")
         self.subspace = subspace
         self.subspace_weight = float(subspace_weight)
-        if subspace is not None:  # not trained: set on held-out normal images (training.stfpm.calibrate_map_scales)
+        if subspace is not None:  # not trained: set on held-out normal images (training.stfpm.validation_pass)
             self.register_buffer("map_scales", torch.ones(2))
         self.map_taps = None if map_taps is None else tuple(int(t) for t in map_taps)
         self.map_combine = map_combine
@@ -68,8 +68,11 @@ class StfpmModel(nn.Module):
 
     def term_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unscaled student-discrepancy map and the subspace error map (None without a subspace)."""
-        teacher_features, student_features = self.features(images)
-        size = images.shape[-2:]
+        return self.term_maps_from_features(*self.features(images), size=images.shape[-2:])
+
+    def term_maps_from_features(self, teacher_features: list[torch.Tensor], student_features: list[torch.Tensor],
+                                size) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`term_maps` from features already computed (validation reuses the loss pass's)."""
         discrepancy = anomaly_map(teacher_features, student_features, size=size, taps=self.map_taps,
                                   combine=self.map_combine)
         if self.subspace is None:
