@@ -10,8 +10,8 @@ whether the cameras together still get (nearly) all the throughput the model has
 Two measurements, numbers printed (and --json FILE), nothing asserted:
 - queues: how the cameras' frames should reach one compiled model in throughput mode. N feeder threads
   (one per camera) on the same compiled model, constant input: (a) a queue per camera with OpenVINO's
-  optimal number of requests each, (b) a queue per camera with optimal / N requests each, (c) one queue
-  shared by the cameras (edge_ad/model/shared_queue.py: what edge-ad does), (d) real batching across
+  optimal number of requests each (what edge-ad does), (b) a queue per camera with optimal / N requests
+  each, (c) one queue shared by the cameras (edge_ad/model/shared_queue.py), (d) real batching across
   cameras: the model reshaped to batch N, one request carrying a frame of each. Variants alternate (order
   reversed every other round) for --rounds rounds; medians of fps and CPU ms per frame, and the median of
   each round's fps over variant (a)'s in the same round (paired: robust to the load drifting).
@@ -21,7 +21,7 @@ Two measurements, numbers printed (and --json FILE), nothing asserted:
   processed=... fps_avg=... cpu_ms_per_frame=...` gives the aggregate (first to last decided frame of any
   camera; process CPU time over all frames). Each run is bracketed by `edge-ad bench --mode throughput`
   runs and divided by their mean (the load of a shared machine drifts); the median over --repeat is shown.
-  Beside it, the same runner with a queue per camera (variant a), and one camera alone (`edge-ad --video`,
+  Beside it, the same runner with one queue shared by the cameras (variant c), and one camera alone (`edge-ad --video`,
   benchmarks.pipeline_fps.run_pipeline) on the same video. On a machine whose cores other jobs also use,
   fps ratios mean little (a process with more threads gets a larger share); CPU ms per frame does not
   depend on them, and bench CPU / (bench CPU + decode + resize CPU) is the ceiling of the fps ratio where
@@ -104,15 +104,15 @@ def queue_variants(bundle: Path, cameras: int, seconds: float, rounds: int) -> d
 
     variants = {}
     queues = own_queues(built.compiled, optimal, cameras)
-    variants[f"a) a queue per camera, {optimal} requests each"] = (feeders(queues, {name: tensor}), queues)
+    variants[f"a) a queue per camera, {optimal} requests each (edge-ad)"] = (feeders(queues, {name: tensor}), queues)
     split = max(1, optimal // cameras)
     queues = own_queues(built.compiled, split, cameras)
     variants[f"b) a queue per camera, {split} request(s) each"] = (feeders(queues, {name: tensor}), queues)
-    shared = SharedInferQueue(built.compiled, optimal)  # what edge-ad does (edge_ad/model/shared_queue.py)
+    shared = SharedInferQueue(built.compiled, optimal)  # edge_ad/model/shared_queue.py
     views = [shared.view() for _ in range(cameras)]
     for view in views:
         view.set_callback(count)
-    variants[f"c) one shared queue, {optimal} requests (edge-ad)"] = (feeders(views, {name: tensor}), views)
+    variants[f"c) one shared queue, {optimal} requests"] = (feeders(views, {name: tensor}), views)
     batch_note = None
     try:
         _, model = load_model(bundle, core)
@@ -157,10 +157,10 @@ def write_cameras_config(folder: Path, bundle: Path, videos: list[Path], port: i
     return path
 
 
-def run_cameras(config: Path, timeout: float, shared_queue: bool = True) -> dict:
+def run_cameras(config: Path, timeout: float, shared_queue: bool = False) -> dict:
     """One `edge-ad --config` run (its outboxes in a state folder beside the config, not the user's); with
-    shared_queue=False the same runner in a child process with a queue per camera, for comparison."""
-    command = (_edge_ad("--config", config) if shared_queue else
+    shared_queue=True the same runner in a child process with one queue shared by the cameras, for comparison."""
+    command = (_edge_ad("--config", config) if not shared_queue else
                [sys.executable, "-m", "benchmarks.multicamera", "--child", str(config)])
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**_env(), "XDG_STATE_HOME": str(config.parent / "state")})
@@ -172,7 +172,7 @@ def run_cameras(config: Path, timeout: float, shared_queue: bool = True) -> dict
 
 
 def child(config: Path) -> int:
-    """`edge-ad --config CONFIG`, but each camera with an infer request queue of its own."""
+    """`edge-ad --config CONFIG`, but with one infer request queue shared by the cameras."""
     from edge_ad.multicamera import SharedModels
     from edge_ad.multicamera import run_cameras as run_all
     from edge_ad.ops.camera_config import build_camera_configs
@@ -180,7 +180,7 @@ def child(config: Path) -> int:
 
     configs = build_camera_configs({}, config)
     setup_logging(configs[0].log_level)
-    return run_all(configs, SharedModels(shared_queue=False))
+    return run_all(configs, SharedModels(shared_queue=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         config = write_cameras_config(work, args.model, videos, broker.port if broker else None)
         costs = stage_costs(args.model, video)
         benches = [run_bench(args.model, "throughput", "CPU", args.bench_seconds, 300)]
-        runs, singles, own = [], [], []
+        runs, singles, shared = [], [], []
         for index in range(args.repeat):
             single = run_pipeline(args.model, video, mode="throughput", device="CPU", max_frames=None, broker=broker,
                                   workdir=work, run_id=f"single{index}", timeout=1200)
             singles.append({"fps": single["pipeline_fps"], "cpu_ms_per_frame": single["cpu_ms_per_frame"]})
-            own.append(run_cameras(config, timeout=1200, shared_queue=False))
+            shared.append(run_cameras(config, timeout=1200, shared_queue=True))
             runs.append(run_cameras(config, timeout=1200))
             benches.append(run_bench(args.model, "throughput", "CPU", args.bench_seconds, 300))
     finally:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = bench_cpu / (bench_cpu + host_cpu)
     bench_fields = ("throughput_fps", "throughput_cpu_ms_per_frame", "requests_in_flight", "streams")
     report["pipeline"] = {"cameras": args.cameras, "size": f"{width}x{height}", "frames_per_camera": args.frames,
-                          "runs": runs, "single_camera": singles, "queue_per_camera": own, "stage_costs": costs,
+                          "runs": runs, "single_camera": singles, "shared_queue": shared, "stage_costs": costs,
                           "cpu_share_ceiling": round(ceiling, 3),
                           "bench": [{k: b[k] for k in bench_fields} for b in benches],
                           "fps_ratio_median": round(statistics.median(ratios), 3),
@@ -265,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  run {i + 1}: aggregate {run['fps']:.1f} fps ({run['processed']} frames in "
               f"{run['elapsed_s']:.1f} s), {run['cpu_ms_per_frame']:.2f} ms CPU/frame; bench {bench:.1f} fps, "
               f"{benches[i]['throughput_cpu_ms_per_frame']:.2f} ms CPU/frame -> {ratios[i]:.0%} of bench fps")
-    for i, (single, mine) in enumerate(zip(singles, own)):
-        print(f"  run {i + 1} with a queue per camera instead: {mine['fps']:.1f} fps, "
-              f"{mine['cpu_ms_per_frame']:.2f} ms CPU/frame; one camera alone: {single['fps']:.1f} fps, "
+    for i, (single, other) in enumerate(zip(singles, shared)):
+        print(f"  run {i + 1} with one shared queue instead: {other['fps']:.1f} fps, "
+              f"{other['cpu_ms_per_frame']:.2f} ms CPU/frame; one camera alone: {single['fps']:.1f} fps, "
               f"{single['cpu_ms_per_frame']:.2f} ms CPU/frame")
     print(f"  host work per frame (single-threaded CPU): decode {costs['decode_cpu_ms']:.2f} ms + resize "
           f"{costs['prepare_cpu_ms']:.2f} ms; bench {bench_cpu:.2f} ms -> CPU-share ceiling {ceiling:.0%}")

@@ -2,10 +2,10 @@
 
 Why one process: one OpenVINO core and one compiled model per bundle serve every camera that uses it
 (weights in memory and compile time once; the CPU plugin's streams shared instead of each process
-sizing its own for the whole machine), and one infer request queue on it (edge_ad/model/shared_queue.py,
-measured at least as fast as a queue per camera). Otherwise each camera runs exactly as a single-camera
-`edge-ad` (edge_ad.app.run, in its own thread): its own source, its own view of the request queue and
-its own results (its frames stay in order), decisions, alert policy, snapshots, outbox, MQTT connection
+sizing its own for the whole machine), each camera with an infer request queue of its own on it (in the
+whole pipeline faster than one queue shared by the cameras, edge_ad/model/shared_queue.py: see
+SharedModels). Otherwise each camera runs exactly as a single-camera `edge-ad` (edge_ad.app.run, in its
+own thread): its own source, its own request queue and its own results (its frames stay in order), decisions, alert policy, snapshots, outbox, MQTT connection
 with its own last will, status topic and heartbeats. A camera that fails (its source gone beyond the
 retries, a bad file) publishes `offline` with the reason on its own status topic and the others go on;
 the exit code says whether any failed. SIGINT/SIGTERM drain every camera; a second one aborts.
@@ -46,11 +46,13 @@ THREAD_PREFIX = "edge-ad-camera-"
 
 class SharedModels:
     """One OpenVINO core; one compiled model per distinct bundle (and device, mode, precision), however many
-    cameras use it, and one infer request queue on it that they share (edge_ad.model.shared_queue: at least as
-    fast as a queue per camera). `compiled` counts compilations; shared_queue=False gives each camera a
-    queue of its own (for benchmarks/multicamera.py)."""
+    cameras use it, each camera with its own infer request queue on it. Why not one shared queue
+    (shared_queue=True, edge_ad.model.shared_queue): on the model alone it is as fast, but in the whole
+    pipeline (decode, resize, decide beside inference) a queue per camera keeps more frames in flight and
+    was as fast or up to 20 % faster in every paired run (`python -m benchmarks.multicamera`, 2-core AMD
+    EPYCs with and without AVX-512; FP32, bf16, INT8). `compiled` counts compilations."""
 
-    def __init__(self, core: ov.Core | None = None, shared_queue: bool = True):
+    def __init__(self, core: ov.Core | None = None, shared_queue: bool = False):
         self.core = core or ov.Core()
         self.shared_queue = shared_queue
         self.models: dict[tuple, CompiledBundle] = {}

@@ -209,12 +209,17 @@ cameras:
     cameras = prepare(configs, models, _Total())
     assert models.compiled == 2
     assert cameras[0].detector.compiled is cameras[1].detector.compiled  # one compiled model ...
-    assert cameras[0].detector.queue.shared is cameras[1].detector.queue.shared  # ... one request queue ...
-    assert cameras[0].detector.queue is not cameras[1].detector.queue  # ... each camera its own view of it
+    assert cameras[0].detector.queue is not cameras[1].detector.queue  # ... each camera its own request queue
     assert cameras[0].detector.results is not cameras[1].detector.results  # ... and its own results
-    assert cameras[2].detector.queue.shared is not cameras[0].detector.queue.shared
     assert cameras[2].detector.compiled is not cameras[0].detector.compiled
     assert all(camera.detector.core is models.core for camera in cameras)  # deploy/reload compile on it
+    assert not models.queues
+
+    shared = SharedModels(shared_queue=True)  # the alternative benchmarks/multicamera.py compares
+    cameras = prepare(configs, shared, _Total())
+    assert cameras[0].detector.queue.shared is cameras[1].detector.queue.shared  # one request queue ...
+    assert cameras[0].detector.queue is not cameras[1].detector.queue  # ... each camera its own view of it
+    assert cameras[2].detector.queue.shared is not cameras[0].detector.queue.shared
 
 
 def test_server_conflicts_fail_before_any_camera_starts(tmp_path):
