@@ -107,7 +107,7 @@ def _rescore(base_run: Path, config) -> Path:
     device = resolve_device(config.device)
     data = prepare_data(config)
     model = model.to(device)
-    if config.algorithm == "stfpm":  # a new image score: the subspace term's scales follow it
+    if config.algorithm == "stfpm" and model.subspace is not None:  # a new image score: the term scales follow it
         stfpm_cli.validation_pass(model, loader(data.validation, data, config), device, calibrate_scales=True)
     base_metrics = read_json(base_run, "metrics.json")
     keep = {k: base_metrics[k] for k in ("best_epoch", "history") if k in base_metrics}

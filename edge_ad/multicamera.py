@@ -3,10 +3,10 @@
 Why one process: one OpenVINO core and one compiled model per bundle serve every camera that uses it
 (weights in memory and compile time once; the CPU plugin's streams shared instead of each process
 sizing its own for the whole machine), each camera with an infer request queue of its own on it (in the
-whole pipeline faster than one queue shared by the cameras, edge_ad/model/shared_queue.py: see
-SharedModels). Otherwise each camera runs exactly as a single-camera `edge-ad` (edge_ad.app.run, in its
-own thread): its own source, its own request queue and its own results (its frames stay in order), decisions, alert policy, snapshots, outbox, MQTT connection
-with its own last will, status topic and heartbeats. A camera that fails (its source gone beyond the
+whole pipeline mostly faster than one queue the cameras share: see SharedModels). Otherwise each camera
+runs exactly as a single-camera `edge-ad` (edge_ad.app.run, in its own thread): its own source, its own
+request queue and its own results (its frames stay in order), decisions, alert policy, snapshots, outbox,
+MQTT connection with its own last will, status topic and heartbeats. A camera that fails (its source gone beyond the
 retries, a bad file) publishes `offline` with the reason on its own status topic and the others go on;
 the exit code says whether any failed. SIGINT/SIGTERM drain every camera; a second one aborts.
 Bad configuration (options, ROI masks, bundles, metrics and live-view ports) fails before any camera starts.
@@ -47,10 +47,11 @@ THREAD_PREFIX = "edge-ad-camera-"
 class SharedModels:
     """One OpenVINO core; one compiled model per distinct bundle (and device, mode, precision), however many
     cameras use it, each camera with its own infer request queue on it. Why not one shared queue
-    (shared_queue=True, edge_ad.model.shared_queue): on the model alone it is as fast, but in the whole
-    pipeline (decode, resize, decide beside inference) a queue per camera keeps more frames in flight and
-    was as fast or up to 20 % faster in every paired run (`python -m benchmarks.multicamera`, 2-core AMD
-    EPYCs with and without AVX-512; FP32, bf16, INT8). `compiled` counts compilations."""
+    (shared_queue=True): on the model alone it is about as fast, but in the whole pipeline (decode, resize
+    and decisions beside inference) a queue per camera was faster in 16 of 18 paired runs, -2 to +16 %
+    (`python -m benchmarks.multicamera`, 2-core AMD EPYCs with and without AVX-512; FP32, bf16, INT8).
+    Either way each camera's queue is an edge_ad.model.shared_queue view, whose callbacks never block.
+    `compiled` counts compilations."""
 
     def __init__(self, core: ov.Core | None = None, shared_queue: bool = False):
         self.core = core or ov.Core()
@@ -78,7 +79,12 @@ class SharedModels:
                 self.queues[key] = SharedInferQueue(built.compiled, config.requests or built.optimal_requests)
             self.compiled += 1
         self.users.setdefault(key, []).append(camera)
-        view = self.queues[key].view() if self.shared_queue else None
+        if self.shared_queue:
+            view = self.queues[key].view()
+        else:  # a queue of its own, as a view all the same: the completion callbacks of every camera on this
+            # compiled model run on threads they share, so one camera's must never block on its full results
+            built = self.models[key]
+            view = SharedInferQueue(built.compiled, config.requests or built.optimal_requests).view()
         detector = SwappableDetector(model_dir, device=config.device, mode=config.mode, requests=config.requests,
                                      built=self.models[key], infer_queue=view)
         detector.core = self.core  # a remote deploy/reload compiles on this core, not a fresh one

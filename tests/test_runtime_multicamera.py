@@ -196,6 +196,7 @@ def test_cli_refuses_a_source_beside_a_camera_list(tmp_path):
 
 
 def test_shared_models_compile_each_bundle_once(site, bundle_dir):
+    from edge_ad.model.shared_queue import QueueView
     from edge_ad.multicamera import SharedModels, _Total, prepare
 
     configs = build_camera_configs({}, write_config(site, f"""
@@ -209,7 +210,8 @@ cameras:
     cameras = prepare(configs, models, _Total())
     assert models.compiled == 2
     assert cameras[0].detector.compiled is cameras[1].detector.compiled  # one compiled model ...
-    assert cameras[0].detector.queue is not cameras[1].detector.queue  # ... each camera its own request queue
+    assert cameras[0].detector.queue.shared is not cameras[1].detector.queue.shared  # ... each camera its own
+    assert isinstance(cameras[0].detector.queue, QueueView)  # request queue, whose callbacks never block
     assert cameras[0].detector.results is not cameras[1].detector.results  # ... and its own results
     assert cameras[2].detector.compiled is not cameras[0].detector.compiled
     assert all(camera.detector.core is models.core for camera in cameras)  # deploy/reload compile on it
@@ -290,9 +292,11 @@ def test_one_status_line_shows_every_camera():
     assert "left: 10.0 fps  ||  right: 20.0 fps" in shown
 
 
-def test_a_stalled_camera_does_not_starve_the_others_on_a_shared_queue(bundle_dir):
-    """Camera 0's decision thread stops reading: its callbacks block on its full results queue. Camera 1
-    must still get every frame; camera 0 gets all of its frames, in order, once it reads again."""
+@pytest.mark.parametrize("arrangement", ["a queue per camera", "one shared queue"])
+def test_a_stalled_camera_does_not_starve_the_others(bundle_dir, arrangement):
+    """Camera 0's decision thread stops reading: its results queue is full. Camera 1 on the same compiled
+    model (whose completion callbacks run on threads both share) must still get every frame; camera 0 gets
+    all of its frames, in order, once it reads again."""
     import threading
 
     import numpy as np
@@ -304,8 +308,10 @@ def test_a_stalled_camera_does_not_starve_the_others_on_a_shared_queue(bundle_di
 
     built = compile_bundle(bundle_dir, mode="throughput")
     shared = SharedInferQueue(built.compiled, 2)
+    queues = ([SharedInferQueue(built.compiled, 2).view() for _ in range(2)]  # what SharedModels() gives
+              if arrangement == "a queue per camera" else [shared.view(), shared.view()])
     stalled, running = (SwappableDetector(bundle_dir, mode="throughput", requests=1, result_queue_size=1,
-                                          built=built, infer_queue=shared.view()) for _ in range(2))
+                                          built=built, infer_queue=queue) for queue in queues)
     frames = 12
 
     def feed(detector):

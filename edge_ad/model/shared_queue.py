@@ -1,11 +1,12 @@
 """One AsyncInferQueue for all cameras on a compiled model, each camera seeing it as a queue of its own.
 
-Why: on the same compiled model, 4 cameras feeding one shared queue got 1.03x (lightly loaded) to
-1.33x (busy cores) the throughput of a queue per camera, never less, at the same CPU time per frame
+Why: on the same compiled model, 4 cameras feeding one shared queue got 0.94x (quiet) to 1.33x (busy
+cores) the throughput of a queue per camera, at the same CPU time per frame
 (`python -m benchmarks.multicamera --queues-only`, paired rounds, 2 cores); batching a frame of each
-camera was slower than either (0.63-0.71x). In the whole pipeline, though, a queue per camera was as fast
-or faster in every paired run, so `edge-ad` gives each camera its own and this one serves the comparison
-(edge_ad.multicamera.SharedModels(shared_queue=True), benchmarks/multicamera.py). A `QueueView` has
+camera was slower than either (0.63-0.71x). In the whole pipeline, though, a queue per camera was faster
+in 16 of 18 paired runs, so `edge-ad` gives each camera a queue of its own: a SharedInferQueue with one view,
+for the non-blocking callbacks below (one shared by all: SharedModels(shared_queue=True), for
+benchmarks/multicamera.py). A `QueueView` has
 the three calls `Detector` and `SwappableDetector` make (set_callback, start_async, wait_all): its
 callback gets only its camera's requests, so each camera's frames keep their own sequence, and its
 wait_all waits only for them, so one camera draining does not wait for the others. OpenVINO's
