@@ -107,8 +107,8 @@ def _rescore(base_run: Path, config) -> Path:
     device = resolve_device(config.device)
     data = prepare_data(config)
     model = model.to(device)
-    if config.algorithm == "stfpm" and model.subspace is not None:  # a new image score: the term scales follow it
-        stfpm_cli.validation_pass(model, loader(data.validation, data, config), device, calibrate_scales=True)
+    if config.algorithm == "stfpm":  # a new image score: the subspace term's scales follow it
+        stfpm_cli.calibrate_map_scales(model, loader(data.validation, data, config), device)
     base_metrics = read_json(base_run, "metrics.json")
     keep = {k: base_metrics[k] for k in ("best_epoch", "history") if k in base_metrics}
     # The fitted shapes the base run recorded (DFM's PCA, STFPM's subspace term) make the new run loadable too.

@@ -21,11 +21,11 @@ Two measurements, numbers printed (and --json FILE), nothing asserted:
   processed=... fps_avg=... cpu_ms_per_frame=...` gives the aggregate (first to last decided frame of any
   camera; process CPU time over all frames). Each run is bracketed by `edge-ad bench --mode throughput`
   runs and divided by their mean (the load of a shared machine drifts); the median over --repeat is shown.
-  Beside it, the same runner with one queue shared by the cameras (variant c), and one camera alone (`edge-ad --video`,
-  benchmarks.pipeline_fps.run_pipeline) on the same video. On a machine whose cores other jobs also use,
-  fps ratios mean little (a process with more threads gets a larger share); CPU ms per frame does not
-  depend on them, and bench CPU / (bench CPU + decode + resize CPU) is the ceiling of the fps ratio where
-  inference and host work share the same cores.
+  Beside it, the same runner with one queue shared by the cameras (variant c), and one camera alone
+  (`edge-ad --video`, benchmarks.pipeline_fps.run_pipeline) on the same video. On a machine whose cores
+  other jobs also use, fps ratios mean little (a process with more threads gets a larger share); CPU ms
+  per frame does not depend on them, and bench CPU / (bench CPU + decode + resize CPU) is the ceiling of
+  the fps ratio where inference and host work share the same cores.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def write_cameras_config(folder: Path, bundle: Path, videos: list[Path], port: i
 def run_cameras(config: Path, timeout: float, shared_queue: bool = False) -> dict:
     """One `edge-ad --config` run (its outboxes in a state folder beside the config, not the user's); with
     shared_queue=True the same runner in a child process with one queue shared by the cameras, for comparison."""
-    command = (_edge_ad("--config", config) if not shared_queue else
-               [sys.executable, "-m", "benchmarks.multicamera", "--child", str(config)])
+    command = ([sys.executable, "-m", "benchmarks.multicamera", "--child", str(config)] if shared_queue else
+               _edge_ad("--config", config))
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**_env(), "XDG_STATE_HOME": str(config.parent / "state")})
     match = SUMMARY.search(proc.stderr)

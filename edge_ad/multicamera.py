@@ -6,8 +6,8 @@ sizing its own for the whole machine), each camera with an infer request queue o
 whole pipeline mostly faster than one queue the cameras share: see SharedModels). Otherwise each camera
 runs exactly as a single-camera `edge-ad` (edge_ad.app.run, in its own thread): its own source, its own
 request queue and its own results (its frames stay in order), decisions, alert policy, snapshots, outbox,
-MQTT connection with its own last will, status topic and heartbeats. A camera that fails (its source gone beyond the
-retries, a bad file) publishes `offline` with the reason on its own status topic and the others go on;
+MQTT connection with its own last will, status topic and heartbeats. A camera that fails (its source gone
+beyond the retries, a bad file) publishes `offline` with the reason on its own status topic and the others go on;
 the exit code says whether any failed. SIGINT/SIGTERM drain every camera; a second one aborts.
 Bad configuration (options, ROI masks, bundles, metrics and live-view ports) fails before any camera starts.
 """
@@ -73,18 +73,19 @@ class SharedModels:
             self._checked.add((path, config.bundle_public_key))
         key = (path, config.device, config.mode, config.inference_precision)
         if key not in self.models:
-            built = self.models[key] = compile_bundle(model_dir, config.device, config.mode,
-                                                      config.inference_precision, self.core)
-            if self.shared_queue:  # sized by the first camera's `requests` (default: OpenVINO's optimum)
-                self.queues[key] = SharedInferQueue(built.compiled, config.requests or built.optimal_requests)
+            self.models[key] = compile_bundle(model_dir, config.device, config.mode, config.inference_precision,
+                                              self.core)
             self.compiled += 1
         self.users.setdefault(key, []).append(camera)
-        if self.shared_queue:
-            view = self.queues[key].view()
-        else:  # a queue of its own, as a view all the same: the completion callbacks of every camera on this
-            # compiled model run on threads they share, so one camera's must never block on its full results
+        # A queue of its own is a view all the same: the completion callbacks of every camera on this compiled
+        # model run on threads they share, so one camera's must never block on its full results queue.
+        infer_queue = self.queues.get(key) if self.shared_queue else None
+        if infer_queue is None:  # sized by this camera's `requests` (default: OpenVINO's optimum); shared: the first's
             built = self.models[key]
-            view = SharedInferQueue(built.compiled, config.requests or built.optimal_requests).view()
+            infer_queue = SharedInferQueue(built.compiled, config.requests or built.optimal_requests)
+            if self.shared_queue:
+                self.queues[key] = infer_queue
+        view = infer_queue.view()
         detector = SwappableDetector(model_dir, device=config.device, mode=config.mode, requests=config.requests,
                                      built=self.models[key], infer_queue=view)
         detector.core = self.core  # a remote deploy/reload compiles on this core, not a fresh one

@@ -94,6 +94,12 @@ def validation_pass(model: StfpmModel, batches, device: torch.device, calibrate_
     return total / max(count, 1)
 
 
+def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
+    """Set each term's scale from the held-out normal images; nothing to do (no pass) without a subspace."""
+    if model.subspace is not None:
+        validation_pass(model, batches, device, calibrate_scales=True)
+
+
 def preload(batches, device: torch.device) -> list[dict]:
     """Batches evaluated every epoch, collated once and kept on the device (the GPU when training there)."""
     return [{**batch, "image": batch["image"].to(device, non_blocking=True)} for batch in batches]
@@ -190,7 +196,7 @@ def train(config: StfpmConfig) -> Path:
     train_time = time.perf_counter() - started
     if best_state is not None:
         model.student.load_state_dict(best_state)
-    validation_pass(model, validation_batches, device, calibrate_scales=True)
+    calibrate_map_scales(model, validation_batches, device)
     kept = history[best_epoch - 1]
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")

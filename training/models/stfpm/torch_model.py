@@ -44,7 +44,7 @@ class StfpmModel(nn.Module):
             raise ValueError("a subspace term needs a weight > 0, and a weight needs a subspace")
         self.subspace = subspace
         self.subspace_weight = float(subspace_weight)
-        if subspace is not None:  # not trained: set on held-out normal images (training.stfpm.validation_pass)
+        if subspace is not None:  # not trained: set on held-out normal images (training.stfpm.calibrate_map_scales)
             self.register_buffer("map_scales", torch.ones(2))
         self.map_taps = None if map_taps is None else tuple(int(t) for t in map_taps)
         self.map_combine = map_combine
