@@ -69,7 +69,7 @@ BASELINES = {
     "stfpm": {"epochs": 10, "select": "loss", "lr_schedule": "constant", "augment": "none", "smooth_sigma": 0.0,
               "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256,
               "subspace_weight": 0.0},
-    "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "smooth_sigma": 0.0,
+    "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "posed_copies": 3, "smooth_sigma": 0.0,
             "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256},
 }
 SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma", "map_taps", "map_combine"}
@@ -80,7 +80,7 @@ KEEP_MARGIN = 0.01
 
 # Options added after runs were keyed: at these values they train what runs from before them trained, so the key
 # leaves them out and those runs are still found.
-LATER_OPTIONS = {"subspace_weight": 0.0}
+LATER_OPTIONS = {"subspace_weight": 0.0, "posed_copies": 3, "subspace_posed_copies": 3}
 
 
 def _key(config) -> str:

@@ -85,6 +85,7 @@ def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, 
     assert saved["subspace_weight"] > 0
     recipe = saved["subspace"]
     assert (recipe["taps"], recipe["pool"], recipe["augment"]) == (DfmConfig.taps, DfmConfig.pool, DfmConfig.augment)
+    assert recipe["posed_copies"] == saved["subspace_posed_copies"] == StfpmConfig.subspace_posed_copies
     model, _ = load_model(stfpm_run)
     assert model.subspace.n_components == recipe["n_components"] > 0
     config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size")})

@@ -149,3 +149,30 @@ def test_dfm_taps_at_an_input_size_that_is_not_a_multiple_of_16():
 
     model = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(1, 2))
     assert model.tap_features(torch.rand(1, 3, 200, 200)).shape[1] == 32 + 96
+
+
+@pytest.mark.parametrize("posed_copies, augment, passes", [(2, "rotate", 3), (0, "rotate", 1), (5, "none", 1)])
+def test_the_pca_sees_each_training_image_and_its_posed_copies(synthetic_root, posed_copies, augment, passes):
+    """--posed-copies sets how many randomly posed copies of each training image the PCA sees (with
+    --augment only): pose coverage is what the subspace learns for parts that lie at any angle."""
+    from training.config import DfmConfig
+    from training.dfm import build_model, fit_subspace
+    from training.pipeline import prepare_data
+
+    config = DfmConfig(category="synthetic", data_root=str(synthetic_root), image_size=64, augment=augment,
+                       posed_copies=posed_copies)
+    data = prepare_data(config)
+    model = build_model(config, pretrained=False).eval()
+    seen = {}
+    model.fit = lambda features, variance_ratio: seen.update(shape=features.shape)
+    feature_dim = fit_subspace(model, data, config, torch.device("cpu"))
+    assert seen["shape"] == (passes * len(data.train), feature_dim)
+
+
+def test_negative_posed_copies_is_a_one_line_error(synthetic_root, tmp_path, capsys):
+    from training.dfm import main
+
+    assert main(["--category", "synthetic", "--data-root", str(synthetic_root), "--out", str(tmp_path),
+                 "--posed-copies", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--posed-copies" in err and "Traceback" not in err

@@ -36,9 +36,6 @@ def build_model(config: DfmConfig | dict, pretrained: bool = True) -> DfmModel:
     )
 
 
-AUGMENTED_PASSES = 3  # with --augment, the PCA also sees this many randomly posed copies of each image
-
-
 @torch.no_grad()
 def collect_features(model: DfmModel, batches, device: torch.device, desc: str = "features") -> np.ndarray:
     chunks = []
@@ -52,11 +49,13 @@ def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device)
     """Fit the PCA on the training images (and posed copies with --augment); returns the feature size.
 
     Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher."""
+    if config.posed_copies < 0:
+        raise ValueError(f"--posed-copies must be >= 0, got {config.posed_copies}")
     features = collect_features(model, loader(data.train, data, config), device)
     if Augmentation.parse(config.augment).active:
         posed = loader(data.train, data, config, augment=True)
         features = np.concatenate([features] + [collect_features(model, posed, device, desc=f"augmented pass {i + 1}")
-                                                for i in range(AUGMENTED_PASSES)])
+                                                for i in range(config.posed_copies)])
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)
     log.info("PCA on %d images x %d features kept %d components", *features.shape, model.n_components)

@@ -38,10 +38,11 @@ DFM_RECIPE_FIELDS = {"augment", "smooth_sigma", "score_reduction", "topk_fractio
 
 
 def subspace_recipe(config: StfpmConfig) -> DfmConfig:
-    """The subspace term is the default DFM recipe (taps, pooling, posed copies, variance kept) on the
-    teacher: one recipe, chosen once (benchmarks/levers.py), for DFM and for this term."""
+    """The subspace term is the default DFM recipe (taps, pooling, augmentation, variance kept) on the
+    teacher: one recipe, chosen once (benchmarks/levers.py), for DFM and for this term; only the number of
+    posed copies is the term's own (--subspace-posed-copies)."""
     shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if f.name not in DFM_RECIPE_FIELDS}
-    return DfmConfig(**shared)
+    return DfmConfig(**shared, posed_copies=config.subspace_posed_copies)
 
 
 def subspace_record(model: StfpmModel, recipe: DfmConfig) -> dict:
@@ -49,7 +50,7 @@ def subspace_record(model: StfpmModel, recipe: DfmConfig) -> dict:
     subspace = model.subspace
     return {"taps": ",".join(map(str, subspace.taps)), "pool": subspace.pool,
             "feature_dim": int(subspace.mean.numel()), "n_components": subspace.n_components,
-            "augment": recipe.augment, "variance_ratio": recipe.variance_ratio}
+            "augment": recipe.augment, "posed_copies": recipe.posed_copies, "variance_ratio": recipe.variance_ratio}
 
 
 def stfpm_fields(config: dict) -> dict:
