@@ -131,6 +131,9 @@ def test_bad_lever_options_are_one_line_errors(synthetic_root, tmp_path, capsys)
     assert main(["--category", "synthetic", "--data-root", str(synthetic_root), "--out", str(tmp_path),
                  "--subspace-weight", "-1"]) == 2
     assert "--subspace-weight" in capsys.readouterr().err
+    assert main(["--category", "synthetic", "--data-root", str(synthetic_root), "--out", str(tmp_path),
+                 "--subspace-posed-copies", "-1"]) == 2
+    assert "--subspace-posed-copies" in capsys.readouterr().err
 
 
 def test_synthetic_defects_on_small_and_grayscale_images():

@@ -132,6 +132,8 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {config.lr_schedule!r}")
     if config.subspace_weight < 0:
         raise ValueError(f"--subspace-weight must be >= 0, got {config.subspace_weight}")
+    if config.subspace_posed_copies < 0:
+        raise ValueError(f"--subspace-posed-copies must be >= 0, got {config.subspace_posed_copies}")
     if not 0.0 <= config.hard_quantile < 1.0:
         raise ValueError(f"--hard-quantile must be in [0, 1), got {config.hard_quantile}")
     Augmentation.parse(config.augment)
