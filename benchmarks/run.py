@@ -30,7 +30,7 @@ from pathlib import Path
 from benchmarks.peer_anomalib import _mib
 from benchmarks.variants import Variant, save_variants
 from edge_ad.ops.tool_cli import run_tool
-from training.config import StfpmConfig
+from training.config import DfmConfig, StfpmConfig
 
 log = logging.getLogger("benchmarks.run")
 
@@ -58,6 +58,11 @@ def _command(title: str, *args: str, log_file: Path) -> None:
     log.info("%s: done in %.0f s", title, time.perf_counter() - started)
 
 
+# Recipe settings a reused run must share with today's defaults, each with the value runs saved before it
+# existed were trained with (a student-only STFPM, a PCA on 3 posed copies).
+RECIPE_KEYS = {"stfpm": {"subspace_weight": 0.0, "subspace_posed_copies": 3}, "dfm": {"posed_copies": 3}}
+
+
 def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
              epochs: int | None) -> bool:
     """A finished run trained with the settings asked for (anything else is not reused)."""
@@ -70,8 +75,9 @@ def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_r
     same = (config.get("algorithm"), config.get("backbone"), config.get("category"), config.get("image_size")) == (
         algorithm, backbone, category, image_size)
     same_root = Path(config.get("data_root", "")).resolve() == data_root.resolve()
-    if algorithm == "stfpm":  # today's default recipe: a student-only run from before is not it
-        same = same and float(config.get("subspace_weight", 0.0)) == StfpmConfig.subspace_weight
+    defaults = StfpmConfig if algorithm == "stfpm" else DfmConfig
+    for key, before in RECIPE_KEYS.get(algorithm, {}).items():  # today's default recipe, not an older one
+        same = same and config.get(key, before) == getattr(defaults, key)
     return same and same_root and (epochs is None or config.get("epochs") == epochs)
 
 

@@ -179,3 +179,24 @@ def test_heatmap_grid_through_the_runtime(tiny_fp32_bundle, synthetic_root, tmp_
     out = heatmap_grid(tiny_fp32_bundle, synthetic_root, "synthetic", tmp_path / "grid.png", n_defective=3, n_good=1)
     image = cv2.imread(str(out))
     assert image is not None and image.shape[1] > image.shape[0] > 100
+
+
+@pytest.mark.parametrize("algorithm, saved, reused", [
+    ("dfm", {"posed_copies": 7}, True),
+    ("dfm", {}, False),  # saved before --posed-copies existed: a PCA on 3 copies, not today's default
+    ("dfm", {"posed_copies": 11}, False),
+    ("stfpm", {"subspace_weight": 2.0, "subspace_posed_copies": 3}, True),
+    ("stfpm", {"subspace_weight": 2.0}, True),  # from before the option: 3 copies, today's default
+    ("stfpm", {}, False),  # student only
+    ("stfpm", {"subspace_weight": 2.0, "subspace_posed_copies": 7}, False),
+])
+def test_only_runs_of_todays_default_recipe_are_reused(tmp_path, algorithm, saved, reused):
+    from benchmarks.run import _matches
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    (run / "metrics.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"algorithm": algorithm, "backbone": "mobilenet_v2", "category": "screw",
+                                                 "image_size": 256, "data_root": str(tmp_path), **saved}))
+    assert _matches(run, algorithm, "mobilenet_v2", "screw", tmp_path, 256, None) is reused

@@ -49,8 +49,6 @@ def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device)
     """Fit the PCA on the training images (and posed copies with --augment); returns the feature size.
 
     Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher."""
-    if config.posed_copies < 0:
-        raise ValueError(f"--posed-copies must be >= 0, got {config.posed_copies}")
     features = collect_features(model, loader(data.train, data, config), device)
     if Augmentation.parse(config.augment).active:
         posed = loader(data.train, data, config, augment=True)
@@ -64,6 +62,8 @@ def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device)
 
 def train(config: DfmConfig) -> Path:
     parse_taps(config.taps)
+    if config.posed_copies < 0:
+        raise ValueError(f"--posed-copies must be >= 0, got {config.posed_copies}")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)
