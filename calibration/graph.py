@@ -10,7 +10,7 @@ The IR's convolution nodes carry generated names (BatchNorm folding renames them
 so names cannot tell teacher, student and head apart. The topology can: the feature
 extractor is every convolution plus every node a convolution depends on; whatever
 lies after the last convolution of every path (L2 norms, subtraction, PCA matmuls,
-Interpolate, the product of maps, ReduceMax) is head. This holds for any CNN backbone
+the maps' resize, the product of maps, ReduceMax) is head. This holds for any CNN backbone
 followed by a convolution-free head, which is what STFPM and DFM are.
 """
 

@@ -146,7 +146,8 @@ def compress_head_matmuls(model: ov.Model, head: list[str]) -> tuple[ov.Model, l
     import nncf
 
     head_names = set(head)
-    matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul" and op.get_friendly_name() in head_names]
+    matmuls = [op.get_friendly_name() for op in model.get_ordered_ops()
+               if op.get_type_name() == "MatMul" and op.get_friendly_name() in head_names and _is_feature_product(op)]
     if not matmuls:
         return model, []
     others = [
@@ -158,6 +159,14 @@ def compress_head_matmuls(model: ov.Model, head: list[str]) -> tuple[ov.Model, l
             model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(names=others, validate=False)
         )
     return compressed, matmuls
+
+
+def _is_feature_product(matmul: ov.Node) -> bool:
+    """A PCA product multiplies flattened (N, D) features; the map's bilinear resize
+    (training.models.upsample) multiplies (N, 1, h, w) maps by small interpolation matrices, which
+    INT8 weights would only blur, so those stay FP32."""
+    return all(port.get_partial_shape().rank.is_static and port.get_partial_shape().rank.get_length() <= 2
+               for port in matmul.inputs())
 
 
 def _advanced(recipe: Recipe):

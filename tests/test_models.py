@@ -9,6 +9,7 @@ from training.backbones import build_backbone
 from training.models.dfm import DfmModel
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.stfpm.anomaly_map import anomaly_map
+from training.models.upsample import resize_bilinear
 
 
 def tiny_stfpm(seed=0):
@@ -74,6 +75,14 @@ def test_anomaly_map_is_product_of_upsampled_tap_maps():
     torch.testing.assert_close(anomaly_map(teacher, student, size=(16, 16), taps=(1,)), maps[1])
     with pytest.raises(ValueError, match="combine"):
         anomaly_map(teacher, student, size=(16, 16), combine="mean")
+
+
+@pytest.mark.parametrize("size_in, size_out", [((4, 4), (64, 64)), ((16, 16), (256, 256)), ((12, 20), (96, 160)),
+                                                ((30, 30), (17, 45))])
+def test_resize_is_pytorchs_bilinear(size_in, size_out):
+    maps = torch.rand(2, 1, *size_in)
+    expected = F.interpolate(maps, size=size_out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_bilinear(maps, size_out), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_teacher_stays_frozen_in_train_mode():

@@ -164,21 +164,44 @@ def test_graph_split_finds_the_head_of_both_algorithms():
     with_subspace = StfpmModel(teacher, build_backbone("mobilenet_v2", pretrained=False),
                                subspace=DfmModel(teacher, taps=(1,), pool=2, score_type="map",
                                                  feature_dim=32 * 4 * 4, n_components=4), subspace_weight=2.0)
-    cases = ((stfpm, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "ReduceMax"}, 0),
-             (with_subspace, {"ReduceL2", "MatMul", "Interpolate", "Add", "ReduceMax"}, 0),  # PCA matmuls: head
-             (dfm, {"MatMul", "Interpolate"}, 0),
-             (smoothed, {"ReduceL2", "Subtract", "Interpolate", "Multiply", "TopK"}, 2))
+    # The maps' bilinear resize is two MatMuls (training.models.upsample), part of the head like the PCA's.
+    cases = ((stfpm, {"ReduceL2", "Subtract", "MatMul", "Multiply", "ReduceMax"}, 0),
+             (with_subspace, {"ReduceL2", "MatMul", "Add", "ReduceMax"}, 0),
+             (dfm, {"MatMul"}, 0),
+             (smoothed, {"ReduceL2", "Subtract", "MatMul", "Multiply", "TopK"}, 2))
     for model, head_types, blur_convs in cases:
         ov_model = convert(model.eval(), spec)
         parts = split_graph(ov_model)
         types = {op.get_friendly_name(): op.get_type_name() for op in ov_model.get_ordered_ops()}
         head = {types[name] for name in parts.head}
         assert head_types <= head, head
+        assert "Interpolate" not in head, head
         assert sum(types[name] in CONV_TYPES for name in parts.head) == blur_convs
         assert parts.taps and parts.tap_convs and parts.first_convs
         # both outputs are produced inside the head
         for result in ov_model.get_results():
             assert result.input_value(0).get_node().get_friendly_name() in parts.head
+
+
+def test_only_the_pca_products_get_int8_weights():
+    """The PCA's (N, D) products are compressed; the maps' small resize matrices stay FP32 (exact)."""
+    import torch
+
+    from calibration.int8 import compress_head_matmuls
+    from deploy.export import convert
+    from edge_ad.model.preprocess import PreprocessSpec
+    from training.backbones import build_backbone
+    from training.models.dfm import DfmModel
+
+    torch.manual_seed(0)
+    dfm = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(2,), feature_dim=96 * 4 * 4, n_components=4)
+    ov_model = convert(dfm.eval(), PreprocessSpec.square(64))
+    matmuls = {op.get_friendly_name(): op for op in ov_model.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    feature_products = {name for name, op in matmuls.items()
+                        if all(port.get_partial_shape().rank.get_length() == 2 for port in op.inputs())}
+    assert len(feature_products) == 2 and len(matmuls) == 4  # projection, reconstruction; resize rows, columns
+    _, compressed = compress_head_matmuls(ov_model, split_graph(ov_model).head)
+    assert set(compressed) == feature_products
 
 
 def test_agreement_metric():

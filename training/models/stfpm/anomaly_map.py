@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.models.upsample import resize_bilinear
+
 
 def tap_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """0.5 * ||norm(t) - norm(s)||^2 per position: (N,C,h,w) -> (N,1,h,w).
@@ -38,7 +40,7 @@ def anomaly_map(
     for index, (teacher, student) in enumerate(zip(teacher_features, student_features)):
         if taps is not None and index not in taps:
             continue
-        tap_map = F.interpolate(tap_distance(teacher, student), size=size, mode="bilinear", align_corners=False)
+        tap_map = resize_bilinear(tap_distance(teacher, student), size)
         if result is None:
             result = tap_map
         else:
