@@ -197,8 +197,10 @@ def test_only_the_pca_products_get_int8_weights():
     dfm = DfmModel(build_backbone("mobilenet_v2", pretrained=False), taps=(2,), feature_dim=96 * 4 * 4, n_components=4)
     ov_model = convert(dfm.eval(), PreprocessSpec.square(64))
     matmuls = {op.get_friendly_name(): op for op in ov_model.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    # The PCA's products are those with a constant holding the components: one side is the feature size.
     feature_products = {name for name, op in matmuls.items()
-                        if all(port.get_partial_shape().rank.get_length() == 2 for port in op.inputs())}
+                        if any(port.get_source_output().get_node().get_type_name() == "Constant"
+                               and 96 * 4 * 4 in port.get_partial_shape().to_shape() for port in op.inputs())}
     assert len(feature_products) == 2 and len(matmuls) == 4  # projection, reconstruction; resize rows, columns
     _, compressed = compress_head_matmuls(ov_model, split_graph(ov_model).head)
     assert set(compressed) == feature_products
