@@ -1,0 +1,64 @@
+"""benchmarks.patch_memory: the coreset and nearest-patch map it is built on, and one run end to end on
+generated data (the figures are the probe's own, so only their consistency is checked)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import patch_memory
+
+
+def test_coreset_picks_distinct_patches_that_cover_every_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0] * 8, [10.0] * 8, [-10.0] * 8, [10.0] * 4 + [-10.0] * 4])
+    points = torch.cat([c + 0.1 * torch.randn(500, 8, generator=generator) for c in centres])
+    memory = patch_memory.greedy_coreset(points, 4, seed=0)
+    assert memory.shape == (4, 8)
+    nearest_centre = torch.cdist(memory, centres).argmin(1)
+    assert sorted(nearest_centre.tolist()) == [0, 1, 2, 3]  # random picks would repeat a cluster most times
+
+
+def test_nearest_distance_map_is_the_distance_to_the_closest_memory_patch():
+    generator = torch.Generator().manual_seed(1)
+    patches = torch.randn(2, 5, 3, 4, generator=generator)
+    memory = torch.randn(7, 5, generator=generator)
+    distance = patch_memory.nearest_distance_map(patches, memory)
+    expected = torch.cdist(patches.permute(0, 2, 3, 1).reshape(-1, 5), memory).amin(1).reshape(2, 1, 3, 4)
+    assert distance.shape == (2, 1, 3, 4)
+    assert torch.allclose(distance, expected, atol=1e-4)
+    # a patch held in the memory is at distance 0
+    assert patch_memory.nearest_distance_map(memory[:1].view(1, 5, 1, 1), memory).item() == pytest.approx(0, abs=1e-3)
+
+
+def test_recall_at_one_false_alarm_reads_the_second_highest_normal_score():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([1.0, 5.0, 2.0, 1.5, 2.5, 3.0, 6.0])
+    assert patch_memory.recall_at_one_false_alarm(labels, scores) == pytest.approx(0.75)  # above 2.0: 2.5, 3, 6
+
+
+def test_probe_runs_end_to_end_on_generated_data(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert patch_memory.main(["--data-root", str(synthetic_root), "--category", "synthetic", "--image-size", "64",
+                              "--bank-fraction", "0.1", "--seeds", "0,1", "--folds", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["seed"] for row in result["rows"]] == [0, 1]
+    for row in result["rows"]:
+        assert 0.0 <= row["synthetic_validation_auroc"] <= 1.0 and 0.0 <= row["image_auroc"] <= 1.0
+        assert row["deployed"]["threshold"] > 0 and 0.0 <= row["deployed"]["fpr"] <= 1.0
+        assert row["out_of_fold"]["threshold"] > 0
+    # 64 px: an 8x8 stride-8 grid, 34 training images (85 % of 40): 10 % of 34 x 64 patches
+    assert result["rows"][0]["memory_patches"] == int(0.1 * result["n_train"] * 64)
+    # the synthetic defects are strong and the generated parts simple: the probe must see them
+    assert result["rows"][0]["image_auroc"] > 0.8
+    assert "| seed | memory patches |" in capsys.readouterr().out
+
+
+def test_bad_options_are_one_line_errors(synthetic_root, capsys):
+    assert patch_memory.main(["--data-root", str(synthetic_root), "--category", "synthetic", "--folds", "1"]) == 2
+    assert "--folds must be 0 (off) or at least 2" in capsys.readouterr().err
+    assert patch_memory.main(["--data-root", str(synthetic_root), "--category", "synthetic", "--gain-range", "x"]) == 2
+    assert "--gain-range must be LOW,HIGH" in capsys.readouterr().err
