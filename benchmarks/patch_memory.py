@@ -161,7 +161,9 @@ def evaluate(data_root: str, category: str, backbone: str = "mobilenet_v2", imag
     image_score = ImageScore(smooth_sigma=smooth_sigma)
     normals = data.train + data.validation  # the out-of-fold threshold's images; the first len(train) are training
     identity = extract(extractor, loader(normals, data, config), desc="normal images")
-    gained = [extract(extractor, loader(normals, data, config), gain_range, seed=copy, desc=f"gain copy {copy + 1}")
+    # Gain copies of the validation images feed only the out-of-fold memories: without folds they are not made.
+    gain_images = normals if folds else data.train
+    gained = [extract(extractor, loader(gain_images, data, config), gain_range, seed=copy, desc=f"gain copy {copy + 1}")
               for copy in range(gain_copies)]
     synthetic = extract(extractor, synthetic_validation(data, config), desc="synthetic validation")
     test = extract(extractor, loader(data.test, data, config), desc="test")
