@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from edge_ad.decide.thresholds import image_threshold
@@ -43,25 +42,19 @@ from training.backbones import build_backbone
 from training.config import DfmConfig
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
+from training.models.patch_memory import greedy_coreset as coreset, locally_aware_patches
+from training.models.patch_memory.coreset import POOL
+from training.models.patch_memory.torch_model import nearest_distance
 from training.pipeline import loader, prepare_data, seed_everything, synthetic_validation
 
 log = logging.getLogger("benchmarks.patch_memory")
 RESULTS = Path(__file__).parent / "results"
-POOL = 100_000  # patches the coreset is drawn from: greedy selection over every patch is hours on 2 cores
-PROJECTION = 32  # random projection the coreset's distances are computed in (Johnson-Lindenstrauss)
 
 
 @dataclass
 class Features:
     patches: torch.Tensor  # (N, C, h, w) float16
     labels: np.ndarray
-
-
-def locally_aware_patches(taps: list[torch.Tensor]) -> torch.Tensor:
-    """Stride-8 and stride-16 taps, each averaged over 3x3 neighbours, on the stride-8 grid."""
-    fine, coarse = (F.avg_pool2d(taps[i], 3, stride=1, padding=1) for i in (1, 2))
-    coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([fine, coarse], dim=1)
 
 
 @torch.no_grad()
@@ -86,29 +79,17 @@ def flat(patches: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_coreset(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    """k-centre coreset (PatchCore): each pick is the patch farthest from those picked so far."""
+    """The package's coreset (the memory term's), with this probe's option named in the error."""
     if size > min(len(patches), POOL):
         raise ValueError(f"a memory of {size} patches is more than the {min(len(patches), POOL)} it is drawn from: "
                          "lower --bank-fraction")
-    generator = torch.Generator().manual_seed(seed)
-    pool = patches[torch.randperm(len(patches), generator=generator)[:POOL]]
-    projected = pool @ (torch.randn(pool.shape[1], PROJECTION, generator=generator) / PROJECTION**0.5)
-    picked = [int(torch.randint(len(pool), (1,), generator=generator))]
-    distance = (projected - projected[picked[0]]).pow(2).sum(1)
-    for _ in tqdm(range(size - 1), desc="coreset", unit="patch", leave=False, mininterval=2):
-        picked.append(int(distance.argmax()))
-        distance = torch.minimum(distance, (projected - projected[picked[-1]]).pow(2).sum(1))
-    return pool[picked]
+    return coreset(patches, size, seed)
 
 
 def nearest_distance_map(patches: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w) patches -> (N, 1, h, w) Euclidean distance to the nearest memory patch."""
-    n, _, h, w = patches.shape
-    queries = flat(patches)
-    memory_norms = memory.pow(2).sum(1)
-    nearest = [((chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ memory.T + memory_norms).amin(1)).clamp_min(0).sqrt()
-               for chunk in queries.split(8192)]
-    return torch.cat(nearest).reshape(n, 1, h, w)
+    """(N, C, h, w) patches -> (N, 1, h, w) distance to the nearest memory patch, a few images at a time
+    (all of them at once would hold N x h*w x memory distances)."""
+    return torch.cat([nearest_distance(chunk.float(), memory) for chunk in patches.split(4)])
 
 
 def scores_of(patches: torch.Tensor, memory: torch.Tensor, image_score: ImageScore) -> np.ndarray:

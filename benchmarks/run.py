@@ -60,7 +60,9 @@ def _command(title: str, *args: str, log_file: Path) -> None:
 
 # Recipe settings a reused run must share with today's defaults, each with the value runs saved before it
 # existed were trained with (a student-only STFPM, a PCA on 3 posed copies).
-RECIPE_KEYS = {"stfpm": {"subspace_weight": 0.0, "subspace_posed_copies": 3}, "dfm": {"posed_copies": 3}}
+RECIPE_KEYS = {"stfpm": {"subspace_weight": 0.0, "subspace_posed_copies": 3, "memory_weight": 0.0, "student_pool": 1,
+                         "memory_fraction": StfpmConfig.memory_fraction},
+               "dfm": {"posed_copies": 3}}
 
 
 def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
@@ -117,12 +119,13 @@ def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, cat
     runs, bundles, logs = args.work / "runs", args.work / "bundles", args.work / "logs"
     epochs = args.epochs if algorithm == "stfpm" else None
     name = f"{algorithm}-{backbone}-{category}"
-    run_dir = None if args.retrain else find_run(runs, algorithm, backbone, category, args.data_root, args.image_size, epochs)
+    image_size = args.image_size or (StfpmConfig if algorithm == "stfpm" else DfmConfig).image_size
+    run_dir = None if args.retrain else find_run(runs, algorithm, backbone, category, args.data_root, image_size, epochs)
     if run_dir is None and args.no_train:
         log.warning("%s: no finished run in %s and --no-train: left out", name, runs)
         return None
     if run_dir is None:
-        run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, args.image_size, epochs)
+        run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, image_size, epochs)
     else:
         log.info("%s: reusing %s", name, run_dir)
     fp32, int8 = bundles / f"{run_dir.name}-fp32", bundles / f"{run_dir.name}-int8"
@@ -347,7 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"],
                         help="resnet18 / wide_resnet50_2 need torchvision's ImageNet weights (internet or --weights)")
     parser.add_argument("--epochs", type=int, default=10, help="STFPM epochs")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="model input size (default: each algorithm's own, STFPM 512, DFM 256)")
     parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all", "summary"),
                         help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min); "
                              "'summary' alone measures nothing and rewrites the blocks from the tables in --out")

@@ -33,7 +33,7 @@ from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
-from training.models.stfpm.torch_model import add_subspace_term, term_scales
+from training.models.stfpm.torch_model import combine_terms, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
 
@@ -47,19 +47,19 @@ SIGMAS = (0.0, 4.0)
 
 @torch.no_grad()
 def tap_maps(model, batches, device) -> dict:
-    """(N, taps, H, W) per-tap discrepancy maps at input size, labels and the masks of `batches`."""
-    maps, subspace_maps, labels, masks = [], [], [], []
+    """(N, taps, H, W) per-tap discrepancy maps at input size, the unscaled maps of the run's other terms
+    (subspace, memory), labels and the masks of `batches`."""
+    maps, extra_terms, labels, masks = [], [], [], []
     for batch in tqdm(batches, desc="tap maps", unit="batch", leave=False):
         images = batch["image"].to(device)
         teacher, student = model.features(images)
         per_tap = [F.interpolate(tap_distance(t, s), size=images.shape[-2:], mode="bilinear", align_corners=False)
                    for t, s in zip(teacher, student)]
         maps.append(torch.cat(per_tap, dim=1).cpu())
-        if model.subspace is not None:
-            subspace_maps.append(model.subspace.error_map(teacher, images.shape[-2:]).cpu())
+        extra_terms.append([term.cpu() for term in model.term_maps_from_features(teacher, student, images)[1:]])
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
-    return {"maps": torch.cat(maps), "subspace": torch.cat(subspace_maps) if subspace_maps else None,
+    return {"maps": torch.cat(maps), "terms": [torch.cat(parts) for parts in zip(*extra_terms)],
             "labels": np.concatenate(labels), "masks": np.concatenate(masks)}
 
 
@@ -68,25 +68,35 @@ def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
     return (chosen.prod(dim=1) if how == "product" else chosen.sum(dim=1)).unsqueeze(1)
 
 
-def score(maps: dict, taps, how: str, scorer: ImageScore, scales: tuple[float, float] | None = None,
-          weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """The variant's map and image scores; with a subspace term, added to it as the model does."""
+def score(maps: dict, taps, how: str, scorer: ImageScore, scales: list[float] | None = None,
+          weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The variant's map and image scores; with other terms, added to it as the model does."""
     amap = combine(maps["maps"], taps, how)
-    if scales is not None:
-        amap = add_subspace_term(amap, maps["subspace"], scales, weight)
+    if maps["terms"]:
+        amap = combine_terms([amap, *maps["terms"]], scales, weights)
     amap, image_score = scorer(amap)
     return amap[:, 0].numpy(), image_score.numpy()
 
 
-def variant_scales(maps: dict, taps, how: str, scorer: ImageScore) -> tuple[float, float] | None:
-    """The subspace term's scales, as training sets them, recomputed for the variant's own map."""
-    if maps["subspace"] is None:
+def variant_scales(maps: dict, taps, how: str, scorer: ImageScore) -> list[float] | None:
+    """Each term's scale, as training sets them, recomputed for the variant's own map."""
+    if not maps["terms"]:
         return None
-    return tuple(term_scales(scorer, combine(maps["maps"], taps, how), maps["subspace"]).tolist())
+    return term_scales(scorer, combine(maps["maps"], taps, how), *maps["terms"]).tolist()
+
+
+def term_weights(model, memory_weight: float | None) -> list[float]:
+    """The run's term weights (discrepancy first), the memory's replaced by `memory_weight` when given."""
+    weights = [1.0]
+    if model.subspace is not None:
+        weights.append(model.subspace_weight)
+    if model.memory is not None:
+        weights.append(model.memory_weight if memory_weight is None else memory_weight)
+    return weights
 
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
-             defect_kinds: tuple[str, ...] = KINDS) -> dict:
+             defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = ()) -> dict:
     model, saved = load_model(run_dir)
     known = {f.name for f in fields(StfpmConfig)}
     config = StfpmConfig(**{k: v for k, v in saved.items() if k in known} | ({"data_root": data_root} if data_root else {}))
@@ -99,11 +109,14 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         "test": tap_maps(model, loader(data.test, data, config), device),
     }
     rows = []
-    for taps, how, (reduction, fraction), sigma in itertools.product(TAP_SETS, COMBINES, SCORES, SIGMAS):
+    if memory_weights and model.memory is None:
+        raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
+    for taps, how, (reduction, fraction), sigma, memory_weight in itertools.product(
+            TAP_SETS, COMBINES, SCORES, SIGMAS, memory_weights or (None,)):
         if len(taps) == 1 and how == "sum":
             continue  # one tap: product and sum are the same map
         scorer = ImageScore(sigma, reduction, fraction)
-        term = (variant_scales(sets["validation"], taps, how, scorer), model.subspace_weight)
+        term = (variant_scales(sets["validation"], taps, how, scorer), term_weights(model, memory_weight))
         _, synthetic_scores = score(sets["synthetic"], taps, how, scorer, *term)
         val_maps, val_scores = score(sets["validation"], taps, how, scorer, *term)
         test_maps, test_scores = score(sets["test"], taps, how, scorer, *term)
@@ -115,7 +128,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
                                   maps=test_maps if with_masks else None).to_dict()
         rows.append({
             "map_taps": ",".join(map(str, taps)), "map_combine": how, "score_reduction": reduction,
-            "topk_fraction": fraction, "smooth_sigma": sigma,
+            "topk_fraction": fraction, "smooth_sigma": sigma, "memory_weight": term[1][-1] if model.memory else 0.0,
             "synthetic_validation_auroc": image_auroc(sets["synthetic"]["labels"], synthetic_scores),
             **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed",
                                        "recall_deployed", "image_f1_optimal")},
@@ -123,18 +136,18 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
     return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
             "defect_strength": defect_strength, "defect_kinds": list(defect_kinds),
-            "subspace_weight": model.subspace_weight, "rows": rows}
+            "subspace_weight": model.subspace_weight, "memory_weight": model.memory_weight, "rows": rows}
 
 
 def table(result: dict) -> str:
     lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
              f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g})",
-             "| map taps | combine | score | sigma | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+             "| map taps | combine | score | sigma | memory weight | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         score_name = "max" if r["score_reduction"] == "max" else f"top {r['topk_fraction']:.1%}"
         pixel = "" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | "
+        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | "
                      f"{r['synthetic_validation_auroc']:.3f} | {r['image_auroc']:.3f} | {pixel} | "
                      f"{r['image_f1_deployed']:.2f} / {r['fpr_deployed']:.2f} / {r['recall_deployed']:.2f} |")
     return "\n".join(lines)
@@ -148,16 +161,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="contrast of the synthetic defects, (0, 1]; 1: the training default")
     parser.add_argument("--defect-kinds", default=",".join(KINDS),
                         help=f"comma list of {', '.join(ALL_KINDS)} (default: the training cycle)")
+    parser.add_argument("--memory-weights", default="",
+                        help="comma list of memory-term weights to score as variants too (default: the run's own)")
     args = parser.parse_args(argv)
 
     def go() -> None:
+        try:
+            memory_weights = tuple(float(w) for w in args.memory_weights.split(",") if w.strip())
+        except ValueError:
+            raise ValueError(f"--memory-weights must be a comma list of numbers, got {args.memory_weights!r}") from None
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
-        result = evaluate(args.run, args.data_root, args.defect_strength, kinds)
+        result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights)
         RESULTS.mkdir(exist_ok=True)
         suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
-            ("" if kinds == KINDS else "-" + "+".join(kinds))
+            ("" if kinds == KINDS else "-" + "+".join(kinds)) + \
+            ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights))
         (RESULTS / f"stfpm_scoring-{args.run.name}{suffix}.json").write_text(json.dumps(result, indent=1))
         print(table(result))
 

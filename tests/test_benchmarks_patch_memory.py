@@ -23,7 +23,7 @@ def test_coreset_picks_distinct_patches_that_cover_every_cluster():
     assert sorted(nearest_centre.tolist()) == [0, 1, 2, 3]  # random picks would repeat a cluster most times
 
 
-def test_nearest_distance_map_is_the_distance_to_the_closest_memory_patch():
+def test_probe_nearest_distance_map_is_the_distance_to_the_closest_memory_patch():
     generator = torch.Generator().manual_seed(1)
     patches = torch.randn(2, 5, 3, 4, generator=generator)
     memory = torch.randn(7, 5, generator=generator)

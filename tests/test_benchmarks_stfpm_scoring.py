@@ -37,3 +37,29 @@ def test_other_synthetic_defects_change_only_the_signal(tiny_stfpm_run, capsys):
         r["synthetic_validation_auroc"] for r in base["rows"]]
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--defect-kinds", "rust"]) == 2
     assert "--defect-kinds must list some of" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_memory_run(synthetic_root, tmp_path_factory):
+    from training import stfpm
+    from training.config import StfpmConfig
+
+    return stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                   batch_size=8, out=str(tmp_path_factory.mktemp("runs")), student_pool=2,
+                                   memory_weight=4.0))
+
+
+def test_memory_weights_are_variants_and_the_runs_own_reproduces_its_metrics(tiny_memory_run, tiny_stfpm_run, capsys):
+    result = stfpm_scoring.evaluate(tiny_memory_run, None, memory_weights=(0.0, 4.0))
+    metrics = json.loads((tiny_memory_run / "metrics.json").read_text())
+    own = {r["memory_weight"]: r for r in result["rows"]
+           if (r["map_taps"], r["map_combine"], r["score_reduction"], r["smooth_sigma"]) == ("0,1,2", "product", "max", 0.0)}
+    assert set(own) == {0.0, 4.0}
+    assert own[4.0]["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert own[4.0]["synthetic_validation_auroc"] == pytest.approx(metrics["synthetic_validation_auroc"], abs=1e-6)
+    assert own[0.0]["synthetic_validation_auroc"] != own[4.0]["synthetic_validation_auroc"]  # the term counts
+    assert "| memory weight |" in stfpm_scoring.table(result)
+    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-weights", "1"]) == 2
+    assert "needs a run with a memory term" in capsys.readouterr().err
+    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "two"]) == 2
+    assert "--memory-weights must be a comma list" in capsys.readouterr().err

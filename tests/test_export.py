@@ -13,6 +13,7 @@ import numpy as np
 import openvino as ov
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deploy.export import ExportError, export_ir, parity
 from deploy.ir_eval import IrRunner
@@ -21,6 +22,7 @@ from training.backbones import BACKBONES, build_backbone
 from training.data.synthetic import add_defect, make_texture, to_uint8
 from training.models.dfm import DfmModel
 from training.models.image_score import ImageScore
+from training.models.patch_memory import PatchMemory, locally_aware_patches
 from training.models.stfpm import StfpmModel
 
 SIZE = 64
@@ -34,6 +36,8 @@ SCORED = {"mobilenet_v2": dict(smooth_sigma=4.0, reduction="topk", topk_fraction
 DFM_TAPS = {"mobilenet_v2": (1, 2)}
 # STFPM's subspace term (a DFM on the teacher's features, the default recipe's), exported for one backbone.
 STFPM_SUBSPACE = {"mobilenet_v2": 2.0}
+# and its memory term (the default recipe's: on the full input, the student's terms on the input pooled by 2).
+STFPM_MEMORY = {"mobilenet_v2": 3.0}
 
 
 def frames(seed: int = 1) -> list[np.ndarray]:
@@ -71,24 +75,41 @@ def build(algorithm: str, backbone: str) -> torch.nn.Module:
     scoring = ImageScore(**SCORED.get(backbone, {}))
     if algorithm == "stfpm":
         weight = STFPM_SUBSPACE.get(backbone, 0.0)
-        subspace = fitted(DfmModel(backbone_instance(backbone, 0), taps=(1,), pool=2, score_type="map")) if weight else None
+        student_pool = 2 if backbone in STFPM_MEMORY else 1
+        subspace = (fitted(DfmModel(backbone_instance(backbone, 0), taps=(1,), pool=2, score_type="map"), student_pool)
+                    if weight else None)
+        memory = fitted_memory(backbone_instance(backbone, 0)) if backbone in STFPM_MEMORY else None
         model = StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring,
-                           subspace=subspace, subspace_weight=weight).eval()
-        if subspace is not None:
-            model.map_scales.copy_(torch.tensor([0.3, 2.0]))  # any scales: parity must hold for these too
+                           subspace=subspace, subspace_weight=weight, memory=memory,
+                           memory_weight=STFPM_MEMORY.get(backbone, 0.0), student_pool=student_pool).eval()
+        if hasattr(model, "map_scales"):  # any scales: parity must hold for these too
+            model.map_scales.copy_(torch.tensor([0.3, 2.0, 0.7][:len(model.map_scales)]))
         return model
     score_type = DFM_SCORE_TYPE.get(backbone, "fre")
     return fitted(DfmModel(backbone_instance(backbone, 0), taps=DFM_TAPS.get(backbone, (2,)), score_type=score_type,
                            image_score=scoring))
 
 
-def fitted(model: DfmModel) -> DfmModel:
+def normal_images() -> torch.Tensor:
     rng = np.random.default_rng(0)
-    normal = np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)])
+    return torch.from_numpy(np.stack([preprocess(to_uint8(make_texture(rng, SIZE)), SPEC) for _ in range(8)]))
+
+
+def fitted(model: DfmModel, student_pool: int = 1) -> DfmModel:
+    normal = F.avg_pool2d(normal_images(), student_pool)  # as the STFPM whose term it is sees them
     with torch.no_grad():
-        features = model.eval().tap_features(torch.from_numpy(normal))
+        features = model.eval().tap_features(normal)
     model.fit(features.reshape(len(normal), -1).numpy())
     return model.eval()
+
+
+def fitted_memory(teacher: torch.nn.Module) -> PatchMemory:
+    """A memory of every patch of the normal textures (no coreset needed for parity)."""
+    with torch.no_grad():
+        patches = locally_aware_patches(teacher(normal_images()))
+    memory = PatchMemory()
+    memory.memory = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+    return memory
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from training.backbones import build_backbone
 from training.models.dfm import DfmModel
+from training.models.patch_memory import PatchMemory, locally_aware_patches
+from training.models.patch_memory.torch_model import nearest_distance
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.stfpm.anomaly_map import anomaly_map
 from training.models.upsample import resize_bilinear
@@ -205,3 +207,61 @@ def test_subspace_weight_and_subspace_come_together():
         StfpmModel(model.teacher, model.student, subspace=model.subspace, subspace_weight=0.0)
     with pytest.raises(ValueError, match="subspace"):
         StfpmModel(model.teacher, model.student, subspace_weight=1.0)
+
+
+def stfpm_with_memory(student_pool=2):
+    """The subspace model plus a memory of its teacher's patches of the same plain images at full size
+    (twice the subspace's: pooled by 2 they are exactly the images its PCA was fitted on)."""
+    model, small = stfpm_with_subspace(weight=2.0)
+    normal = F.interpolate(small, scale_factor=student_pool, mode="nearest")
+    with torch.no_grad():
+        patches = locally_aware_patches(model.teacher(normal))
+    memory = PatchMemory()
+    memory.memory = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+    return StfpmModel(model.teacher, model.student, subspace=model.subspace, subspace_weight=2.0, memory=memory,
+                      memory_weight=3.0, student_pool=student_pool).eval(), normal
+
+
+def test_nearest_distance_is_the_distance_to_the_closest_memory_patch():
+    generator = torch.Generator().manual_seed(1)
+    patches = torch.randn(2, 5, 3, 4, generator=generator)
+    memory = torch.randn(7, 5, generator=generator)
+    expected = torch.cdist(patches.permute(0, 2, 3, 1).reshape(-1, 5), memory).amin(1).reshape(2, 1, 3, 4)
+    torch.testing.assert_close(nearest_distance(patches, memory), expected, atol=1e-4, rtol=1e-4)
+    assert nearest_distance(memory[:1].view(1, 5, 1, 1), memory).item() == pytest.approx(0, abs=1e-3)
+
+
+def test_memory_term_is_added_scaled_and_sees_the_full_input_while_the_student_sees_it_pooled():
+    model, normal = stfpm_with_memory(student_pool=2)
+    model.map_scales.copy_(torch.tensor([0.5, 4.0, 2.0]))
+    with torch.no_grad():
+        amap, score = model(normal[:3])
+        small = F.avg_pool2d(normal[:3], 2)
+        teacher, student = model.teacher(small), model.student(small)
+        discrepancy = anomaly_map(teacher, student, size=(128, 128))
+        subspace_map = model.subspace.error_map(teacher, (128, 128))
+        memory_map = model.memory.error_map(model.teacher(normal[:3]), (128, 128))
+    assert amap.shape == (3, 1, 128, 128)
+    torch.testing.assert_close(amap, discrepancy / 0.5 + 2.0 * subspace_map / 4.0 + 3.0 * memory_map / 2.0)
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
+    assert memory_map.abs().max() < 1e-2  # the memory holds these very images' patches
+
+
+def test_memory_term_raises_a_patch_no_normal_image_had():
+    model, normal = stfpm_with_memory()
+    outlier = normal[:2].clone()
+    outlier[:, :, 32:80, 32:80] = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        normal_distance = model.term_maps(normal[2:4])[2]
+        outlier_distance = model.term_maps(outlier)[2]
+    assert torch.all(outlier_distance.amax(dim=(1, 2, 3)) > 10 * normal_distance.amax(dim=(1, 2, 3)).max())
+
+
+def test_memory_weight_and_memory_come_together():
+    model, _ = stfpm_with_memory()
+    with pytest.raises(ValueError, match="memory"):
+        StfpmModel(model.teacher, model.student, memory=model.memory, memory_weight=0.0)
+    with pytest.raises(ValueError, match="memory"):
+        StfpmModel(model.teacher, model.student, memory_weight=1.0)
+    with pytest.raises(ValueError, match="student_pool"):
+        StfpmModel(model.teacher, model.student, student_pool=0)

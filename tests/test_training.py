@@ -112,9 +112,60 @@ def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, 
         load_model(broken)
 
     plain = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
-                                    batch_size=8, out=str(tmp_path), subspace_weight=0.0))
-    assert "subspace" not in json.loads((plain / "config.json").read_text())
-    assert load_model(plain)[0].subspace is None
+                                    batch_size=8, out=str(tmp_path), subspace_weight=0.0, memory_weight=0.0))
+    assert not {"subspace", "memory"} & set(json.loads((plain / "config.json").read_text()))
+    assert load_model(plain)[0].subspace is None and load_model(plain)[0].memory is None
+
+
+def test_stfpm_memory_term_is_a_coreset_of_the_full_inputs_training_patches(synthetic_root, tmp_path):
+    """The memory term keeps a coreset of the training patches of the full input (the student's terms see it
+    pooled), its scale makes its mean image score on validation normals 1 like the others', the run records
+    its shape, and a run without the record is refused."""
+    from training.models.patch_memory import locally_aware_patches
+    from training.pipeline import loader, prepare_data
+
+    run = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                  batch_size=8, out=str(tmp_path / "runs"), student_pool=2, memory_weight=4.0))
+    saved = json.loads((run / "config.json").read_text())
+    model, _ = load_model(run)
+    assert saved["memory_weight"] == model.memory_weight == 4.0 and saved["student_pool"] == model.student_pool == 2
+    assert (saved["memory"]["size"], saved["memory"]["channels"]) == tuple(model.memory.memory.shape)
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size", "student_pool",
+                                                  "memory_weight")})
+    data = prepare_data(config)
+    with torch.no_grad():
+        terms = [torch.cat(parts) for parts in zip(*(model.term_maps(batch["image"])
+                                                     for batch in loader(data.validation, data, config)))]
+    assert [float((term.amax(dim=(1, 2, 3)) / scale).mean()) for term, scale in zip(terms, model.map_scales)] == \
+        pytest.approx([1.0, 1.0, 1.0], rel=1e-4)
+    with torch.no_grad():
+        train_patches = torch.cat([locally_aware_patches(model.teacher(batch["image"])).permute(0, 2, 3, 1)
+                                   .reshape(-1, model.memory.memory.shape[1]) for batch in loader(data.train, data, config)])
+        student_taps = model.features(torch.rand(1, 3, 64, 64))[0]
+    # every memory patch is one of the training patches (float16 rounding aside), and fewer are kept
+    assert torch.cdist(model.memory.memory, train_patches).amin(1).max() < 1e-2 * train_patches.norm(dim=1).mean()
+    assert stfpm.MIN_MEMORY <= model.memory.size < len(train_patches)
+    assert student_taps[0].shape[-1] == 64 // 2 // 4  # the student's stride-4 tap of the pooled 32 px input
+
+    broken = tmp_path / "no-memory-record"
+    broken.mkdir()
+    for name in ("model.pt", "metrics.json", "split.json"):
+        (broken / name).write_bytes((run / name).read_bytes())
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "memory"}))
+    with pytest.raises(RunDirError, match="no \"memory\" record"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--memory-weight", "-1", "--memory-weight must be >= 0"),
+    ("--memory-fraction", "0", "--memory-fraction must be in (0, 1]"),
+    ("--student-pool", "3", "--student-pool must be >= 1 and divide --image-size"),
+])
+def test_cli_bad_memory_options_are_one_line_errors(synthetic_root, tmp_path, option, value, message):
+    result = run_cli("-m", "training.stfpm", "--category", "synthetic", "--data-root", str(synthetic_root),
+                     "--out", str(tmp_path), "--image-size", "64", option, value)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_load_model_errors(tmp_path):

@@ -55,6 +55,14 @@ class StfpmConfig(TrainConfig):
     # synthetic signal here too (+0.012) and recall at the deployed threshold (0.40 -> 0.60), but doubled the
     # false positives on screw's test/good past the 3 % limit; kept at 3 (README "Training recipe", round 7).
     subspace_posed_copies: int = 3
+    # The patch-memory term (training.models.patch_memory, off by default). It sees the full input and the student's
+    # terms see it average-pooled by student_pool: `--image-size 512 --student-pool 2 --memory-weight 4` keeps the
+    # student at 256 px. The memory keeps memory_fraction of the training images' patches (k-centre coreset).
+    # Round 11 (docs/TRAINING.md): on screw the rule picks weight 4 (+0.020 synthetic) and recall at the deployed
+    # threshold rises 0.42 -> 0.64, but 2 of 50 test/good are flagged (limit 3 %): an option, like round 7's poses.
+    student_pool: int = 1
+    memory_weight: float = 0.0
+    memory_fraction: float = 0.003
     algorithm: str = "stfpm"
 
 
@@ -102,6 +110,9 @@ HELP = {
     "pool": "average-pool the feature tap by this factor",
     "subspace_posed_copies": "STFPM: the subspace term's --posed-copies (randomly rotated/flipped copies of each training image its PCA sees)",
     "posed_copies": "DFM: with --augment, how many randomly rotated/flipped copies of each training image the PCA sees besides the image itself",
+    "student_pool": "STFPM: the student, its teacher pass and the subspace term see the input average-pooled by this factor (the memory term sees the full input)",
+    "memory_weight": "STFPM: add the distance of each patch of the full input to its nearest normal training patch to the map with this weight (scaled to mean 1 on validation normals; 0: off)",
+    "memory_fraction": "STFPM: share of the training images' patches the memory keeps (greedy k-centre coreset of a random pool of 100k)",
     "subspace_weight": "STFPM: add the default DFM recipe's reconstruction error on the teacher's features to the map with this weight (each term scaled to mean 1 on validation normals; 0: plain STFPM)",
 }
 

@@ -37,22 +37,26 @@ def build_model(config: DfmConfig | dict, pretrained: bool = True) -> DfmModel:
 
 
 @torch.no_grad()
-def collect_features(model: DfmModel, batches, device: torch.device, desc: str = "features") -> np.ndarray:
+def collect_features(model: DfmModel, batches, device: torch.device, desc: str = "features",
+                     input_transform=None) -> np.ndarray:
     chunks = []
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        features = model.tap_features(batch["image"].to(device))
+        images = batch["image"].to(device)
+        features = model.tap_features(images if input_transform is None else input_transform(images))
         chunks.append(features.reshape(len(features), -1).cpu().numpy())
     return np.concatenate(chunks)
 
 
-def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device) -> int:
+def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device, input_transform=None) -> int:
     """Fit the PCA on the training images (and posed copies with --augment); returns the feature size.
 
-    Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher."""
-    features = collect_features(model, loader(data.train, data, config), device)
+    Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher (on the images as
+    its student sees them: `input_transform`)."""
+    features = collect_features(model, loader(data.train, data, config), device, input_transform=input_transform)
     if Augmentation.parse(config.augment).active:
         posed = loader(data.train, data, config, augment=True)
-        features = np.concatenate([features] + [collect_features(model, posed, device, desc=f"augmented pass {i + 1}")
+        features = np.concatenate([features] + [collect_features(model, posed, device, desc=f"augmented pass {i + 1}",
+                                                                 input_transform=input_transform)
                                                 for i in range(config.posed_copies)])
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)

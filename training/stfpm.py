@@ -18,6 +18,8 @@ from training.dfm import fit_subspace
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
+from training.models.patch_memory import PatchMemory, greedy_coreset, locally_aware_patches
+from training.models.patch_memory.coreset import POOL
 from training.models.stfpm.torch_model import term_scales
 from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
@@ -45,6 +47,25 @@ def subspace_recipe(config: StfpmConfig) -> DfmConfig:
     return DfmConfig(**shared, posed_copies=config.subspace_posed_copies)
 
 
+MIN_MEMORY = 256  # patches: a small data set's memory still covers its normal variety
+
+
+@torch.no_grad()
+def fit_memory(model: StfpmModel, data, config: StfpmConfig, device: torch.device) -> dict:
+    """The memory term: a k-centre coreset of the training images' patches (teacher features of the full
+    input). Returns config.json's "memory" record (its shape, for rebuilding the run)."""
+    patches = []
+    for batch in tqdm(loader(data.train, data, config), desc="memory patches", unit="batch", leave=False):
+        local = locally_aware_patches(model.teacher(batch["image"].to(device)))
+        patches.append(local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]).half().cpu())
+    patches = torch.cat(patches)
+    size = min(len(patches), max(MIN_MEMORY, round(config.memory_fraction * len(patches))))
+    model.memory.memory = greedy_coreset(patches, min(size, POOL), seed=config.seed).to(device)
+    log.info("memory term: kept %d of %d training patches (%d features each)", model.memory.size, len(patches),
+             patches.shape[1])
+    return {"size": model.memory.size, "channels": int(patches.shape[1]), "fraction": config.memory_fraction}
+
+
 def subspace_record(model: StfpmModel, recipe: DfmConfig) -> dict:
     """config.json's "subspace": what rebuilding the fitted term needs (taps, pool, shapes), and how it was fitted."""
     subspace = model.subspace
@@ -57,24 +78,35 @@ def stfpm_fields(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in {f.name for f in fields(StfpmConfig)}}
 
 
+def fitted_term_record(config: dict, term: str, pretrained: bool) -> dict | None:
+    """config.json's record of a fitted term (its shapes); a saved run cannot be rebuilt without it."""
+    record = config.get(term)
+    if record is None and not pretrained:
+        raise ValueError(f"the run's config.json has {term}_weight > 0 but no \"{term}\" record of the fitted "
+                         "term: it cannot be rebuilt")
+    return record
+
+
 def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmModel:
-    """An untrained model when pretrained; a trained run's shapes (and its subspace's) come from its config."""
+    """An untrained model when pretrained; a trained run's shapes (and its terms') come from its config."""
     config = config if isinstance(config, dict) else config.to_dict()
     teacher = build_backbone(config["backbone"], pretrained=pretrained, weights=config.get("weights") if pretrained else None)
     student = build_backbone(config["backbone"], pretrained=False, bn_momentum=STUDENT_BN_MOMENTUM)
-    weight = float(config.get("subspace_weight", 0.0))  # runs saved before the term existed have none
-    subspace = None
+    # runs saved before a term existed have no weight for it
+    weight, memory_weight = (float(config.get(f"{term}_weight", 0.0)) for term in ("subspace", "memory"))
+    subspace = memory = None
     if weight > 0:
-        record = config.get("subspace")
-        if record is None and not pretrained:
-            raise ValueError("the run's config.json has subspace_weight > 0 but no \"subspace\" record of the fitted "
-                             "term: it cannot be rebuilt")
-        record = record or subspace_recipe(StfpmConfig(**stfpm_fields(config))).to_dict()
+        record = fitted_term_record(config, "subspace", pretrained) or \
+            subspace_recipe(StfpmConfig(**stfpm_fields(config))).to_dict()
         subspace = DfmModel(teacher, taps=parse_taps(record["taps"]), pool=record["pool"], score_type="map",
                             feature_dim=record.get("feature_dim", 0), n_components=record.get("n_components", 0))
+    if memory_weight > 0:
+        record = fitted_term_record(config, "memory", pretrained)
+        memory = PatchMemory(**({"size": record["size"], "channels": record["channels"]} if record else {}))
     return StfpmModel(teacher, student, image_score_from(config),
                       map_taps=parse_taps(config.get("map_taps", "0,1,2"), "--map-taps"),
-                      map_combine=config.get("map_combine", "product"), subspace=subspace, subspace_weight=weight)
+                      map_combine=config.get("map_combine", "product"), subspace=subspace, subspace_weight=weight,
+                      memory=memory, memory_weight=memory_weight, student_pool=int(config.get("student_pool", 1)))
 
 
 @torch.no_grad()
@@ -88,16 +120,16 @@ def validation_pass(model: StfpmModel, batches, device: torch.device, calibrate_
         teacher_features, student_features = model.features(images)
         total += float(stfpm_loss(teacher_features, student_features)) * len(images)
         count += len(images)
-        if calibrate_scales and model.subspace is not None:
-            terms.append(model.term_maps_from_features(teacher_features, student_features, images.shape[-2:]))
+        if calibrate_scales and hasattr(model, "map_scales"):
+            terms.append(model.term_maps_from_features(teacher_features, student_features, images))
     if terms:
         model.map_scales.copy_(term_scales(model.image_score, *(torch.cat(maps) for maps in zip(*terms))))
     return total / max(count, 1)
 
 
 def calibrate_map_scales(model: StfpmModel, batches, device: torch.device) -> None:
-    """Set each term's scale from the held-out normal images; nothing to do (no pass) without a subspace."""
-    if model.subspace is not None:
+    """Set each term's scale from the held-out normal images; nothing to do (no pass) with one term."""
+    if hasattr(model, "map_scales"):
         validation_pass(model, batches, device, calibrate_scales=True)
 
 
@@ -134,6 +166,13 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError(f"--subspace-weight must be >= 0, got {config.subspace_weight}")
     if config.subspace_posed_copies < 0:
         raise ValueError(f"--subspace-posed-copies must be >= 0, got {config.subspace_posed_copies}")
+    if config.memory_weight < 0:
+        raise ValueError(f"--memory-weight must be >= 0, got {config.memory_weight}")
+    if not 0.0 < config.memory_fraction <= 1.0:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {config.memory_fraction}")
+    if config.student_pool < 1 or config.image_size % config.student_pool or config.image_size // config.student_pool < 32:
+        raise ValueError(f"--student-pool must be >= 1 and divide --image-size into at least 32 px, got "
+                         f"{config.student_pool} for {config.image_size} px")
     if not 0.0 <= config.hard_quantile < 1.0:
         raise ValueError(f"--hard-quantile must be in [0, 1), got {config.hard_quantile}")
     Augmentation.parse(config.augment)
@@ -151,13 +190,16 @@ def train(config: StfpmConfig) -> Path:
                  if config.lr_schedule == "cosine" else None)
     epoch_batches = training_batches(data, config, device)
     validation_batches = preload(loader(data.validation, data, config), device)
-    started = time.perf_counter()  # the training time includes the subspace term's PCA fit
+    started = time.perf_counter()  # the training time includes the subspace term's PCA fit and the memory's coreset
     extra_config = None
     if model.subspace is not None:
         recipe = subspace_recipe(config)
         log.info("fitting the subspace term (DFM on the teacher's features, weight %g)", config.subspace_weight)
-        fit_subspace(model.subspace, data, recipe, device)
+        fit_subspace(model.subspace, data, recipe, device, input_transform=model.student_input)
         extra_config = {"subspace": subspace_record(model, recipe)}
+    if model.memory is not None:
+        log.info("fitting the memory term (patches of the %d px input, weight %g)", config.image_size, config.memory_weight)
+        extra_config = {**(extra_config or {}), "memory": fit_memory(model, data, config, device)}
     synthetic_batches = preload(synthetic_validation(data, config), device) if config.select == "synthetic" else None
     log.info("training STFPM (%s) on %s for %d epochs, keeping the epoch with the %s", config.backbone, device,
              config.epochs, "best AUROC on synthetic validation defects" if synthetic_batches else "lowest validation loss")
