@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="resnet18 / wide_resnet50_2 need torchvision's ImageNet weights (internet or --weights)")
     parser.add_argument("--epochs", type=int, default=10, help="STFPM epochs")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="model input size (default: each algorithm's own, STFPM 512, DFM 256)")
+                        help="model input size (default: each algorithm's own config default, 256 for both today)")
     parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all", "summary"),
                         help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min); "
                              "'summary' alone measures nothing and rewrites the blocks from the tables in --out")

@@ -1,6 +1,7 @@
 """Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
 
     python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3] [--defect-kinds warp]
+        [--memory-weights 0,1,2,4]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
@@ -9,7 +10,8 @@ term's scale recomputed on validation normals for the variant's map as training 
 against defective copies of themselves, `training.data.synthetic_defects`); the test columns are
 measured beside it and never rank anything. `--defect-strength` (fainter) and `--defect-kinds`
 (e.g. `warp`, shape only) change the synthetic defects, to see whether the ranking holds for defects
-more like real ones. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>].json`.
+more like real ones. `--memory-weights` scores a memory-term run (`--memory-weight`) at other weights too (same student,
+memory and scales). Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-memory<weights>].json`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def term_weights(model, memory_weight: float | None) -> list[float]:
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
              defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = ()) -> dict:
     model, saved = load_model(run_dir)
+    if memory_weights and model.memory is None:
+        raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
+    if any(weight < 0 for weight in memory_weights):
+        raise ValueError(f"--memory-weights must be >= 0, got {','.join(f'{w:g}' for w in memory_weights)}")
     known = {f.name for f in fields(StfpmConfig)}
     config = StfpmConfig(**{k: v for k, v in saved.items() if k in known} | ({"data_root": data_root} if data_root else {}))
     device = resolve_device("cpu")
@@ -109,8 +115,6 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         "test": tap_maps(model, loader(data.test, data, config), device),
     }
     rows = []
-    if memory_weights and model.memory is None:
-        raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
     for taps, how, (reduction, fraction), sigma, memory_weight in itertools.product(
             TAP_SETS, COMBINES, SCORES, SIGMAS, memory_weights or (None,)):
         if len(taps) == 1 and how == "sum":

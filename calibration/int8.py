@@ -164,7 +164,9 @@ def compress_head_matmuls(model: ov.Model, head: list[str]) -> tuple[ov.Model, l
 def _is_feature_product(matmul: ov.Node) -> bool:
     """A PCA product multiplies flattened (N, D) features; the map's bilinear resize
     (training.models.upsample) multiplies (N, 1, h, w) maps by small interpolation matrices, which
-    INT8 weights would only blur, so those stay FP32."""
+    INT8 weights would only blur, and STFPM's memory term (training.models.patch_memory) multiplies
+    (N, hw, C) patches by the memory, where INT8 weights would shift the small nearest distances: rank > 2,
+    so those stay FP32."""
     return all(port.get_partial_shape().rank.is_static and port.get_partial_shape().rank.get_length() <= 2
                for port in matmul.inputs())
 

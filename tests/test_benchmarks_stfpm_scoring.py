@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import stfpm_scoring
+from training.config import StfpmConfig
 
 
 def test_the_runs_own_variant_reproduces_its_metrics(tiny_stfpm_run):
@@ -42,7 +45,6 @@ def test_other_synthetic_defects_change_only_the_signal(tiny_stfpm_run, capsys):
 @pytest.fixture(scope="module")
 def tiny_memory_run(synthetic_root, tmp_path_factory):
     from training import stfpm
-    from training.config import StfpmConfig
 
     return stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
                                    batch_size=8, out=str(tmp_path_factory.mktemp("runs")), student_pool=2,
@@ -57,9 +59,23 @@ def test_memory_weights_are_variants_and_the_runs_own_reproduces_its_metrics(tin
     assert set(own) == {0.0, 4.0}
     assert own[4.0]["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
     assert own[4.0]["synthetic_validation_auroc"] == pytest.approx(metrics["synthetic_validation_auroc"], abs=1e-6)
-    assert own[0.0]["synthetic_validation_auroc"] != own[4.0]["synthetic_validation_auroc"]  # the term counts
+    # the memory term counts: the same maps scored at weights 0 and 4 give other image scores
+    from training.models.image_score import ImageScore
+    from training.pipeline import loader, prepare_data
+    from training.run_dir import load_model
+    model, saved = load_model(tiny_memory_run)
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size", "student_pool")})
+    data = prepare_data(config)
+    maps = stfpm_scoring.tap_maps(model, loader(data.validation, data, config), torch.device("cpu"))
+    assert len(maps["terms"]) == 2  # subspace, memory
+    scales = stfpm_scoring.variant_scales(maps, (0, 1, 2), "product", ImageScore())
+    scores = [stfpm_scoring.score(maps, (0, 1, 2), "product", ImageScore(), scales,
+                                  stfpm_scoring.term_weights(model, weight))[1] for weight in (0.0, 4.0)]
+    assert np.abs(scores[1] - scores[0]).min() > 0
     assert "| memory weight |" in stfpm_scoring.table(result)
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-weights", "1"]) == 2
     assert "needs a run with a memory term" in capsys.readouterr().err
     assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "two"]) == 2
     assert "--memory-weights must be a comma list" in capsys.readouterr().err
+    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "-1"]) == 2
+    assert "--memory-weights must be >= 0" in capsys.readouterr().err

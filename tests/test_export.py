@@ -28,7 +28,7 @@ from training.models.stfpm import StfpmModel
 SIZE = 64
 SPEC = PreprocessSpec.square(SIZE)
 FP32_TOLERANCE = 1e-4  # max |ov - torch| / max |torch|
-CASES = [(algorithm, backbone) for backbone in BACKBONES for algorithm in ("stfpm", "dfm")]
+CASES = [(algorithm, backbone) for backbone in BACKBONES for algorithm in ("stfpm", "dfm")] + [("stfpm-memory", "mobilenet_v2")]
 # DFM's map is the same for both score types; the Gaussian NLL score is exported for one backbone.
 DFM_SCORE_TYPE = {"resnet18": "nll", "mobilenet_v2": "map"}
 # The recipe levers in the graph: a smoothed map with a top-k image score, and concatenated DFM taps.
@@ -36,8 +36,9 @@ SCORED = {"mobilenet_v2": dict(smooth_sigma=4.0, reduction="topk", topk_fraction
 DFM_TAPS = {"mobilenet_v2": (1, 2)}
 # STFPM's subspace term (a DFM on the teacher's features, the default recipe's), exported for one backbone.
 STFPM_SUBSPACE = {"mobilenet_v2": 2.0}
-# and its memory term (the default recipe's: on the full input, the student's terms on the input pooled by 2).
-STFPM_MEMORY = {"mobilenet_v2": 3.0}
+# "stfpm-memory": the same plus the memory term (--memory-weight) on the full input, the student's terms on the
+# input pooled by 2 (--student-pool 2).
+MEMORY_WEIGHT = 3.0
 
 
 def frames(seed: int = 1) -> list[np.ndarray]:
@@ -73,15 +74,16 @@ def backbone_instance(name: str, index: int) -> torch.nn.Module:
 
 def build(algorithm: str, backbone: str) -> torch.nn.Module:
     scoring = ImageScore(**SCORED.get(backbone, {}))
-    if algorithm == "stfpm":
+    if algorithm in ("stfpm", "stfpm-memory"):
         weight = STFPM_SUBSPACE.get(backbone, 0.0)
-        student_pool = 2 if backbone in STFPM_MEMORY else 1
+        with_memory = algorithm == "stfpm-memory"
+        student_pool = 2 if with_memory else 1
         subspace = (fitted(DfmModel(backbone_instance(backbone, 0), taps=(1,), pool=2, score_type="map"), student_pool)
                     if weight else None)
-        memory = fitted_memory(backbone_instance(backbone, 0)) if backbone in STFPM_MEMORY else None
+        memory = fitted_memory(backbone_instance(backbone, 0)) if with_memory else None
         model = StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring,
                            subspace=subspace, subspace_weight=weight, memory=memory,
-                           memory_weight=STFPM_MEMORY.get(backbone, 0.0), student_pool=student_pool).eval()
+                           memory_weight=MEMORY_WEIGHT if with_memory else 0.0, student_pool=student_pool).eval()
         if hasattr(model, "map_scales"):  # any scales: parity must hold for these too
             model.map_scales.copy_(torch.tensor([0.3, 2.0, 0.7][:len(model.map_scales)]))
         return model

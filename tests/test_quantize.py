@@ -206,6 +206,37 @@ def test_only_the_pca_products_get_int8_weights():
     assert set(compressed) == feature_products
 
 
+def test_the_memory_terms_distances_keep_fp32_weights():
+    """STFPM's memory term multiplies (N, hw, C) patches by the memory: INT8 weights there would shift the small
+    nearest distances, so only the subspace's PCA products are compressed."""
+    import torch
+
+    from calibration.int8 import compress_head_matmuls
+    from deploy.export import convert
+    from edge_ad.model.preprocess import PreprocessSpec
+    from training.backbones import build_backbone
+    from training.models.dfm import DfmModel
+    from training.models.patch_memory import PatchMemory
+    from training.models.stfpm import StfpmModel
+
+    torch.manual_seed(0)
+    teacher = build_backbone("mobilenet_v2", pretrained=False)
+    subspace = DfmModel(teacher, taps=(2,), score_type="map", feature_dim=96 * 2 * 2, n_components=3)
+    memory = PatchMemory(size=37, channels=128)
+    memory.memory = torch.randn(37, 128)
+    model = StfpmModel(teacher, build_backbone("mobilenet_v2", pretrained=False), subspace=subspace, subspace_weight=2.0,
+                       memory=memory, memory_weight=4.0, student_pool=2).eval()
+    ov_model = convert(model, PreprocessSpec.square(64))
+    matmuls = {op.get_friendly_name(): op for op in ov_model.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    memory_products = {name for name, op in matmuls.items()
+                       if any(37 in port.get_partial_shape().to_shape() for port in op.inputs())}
+    pca_products = {name for name, op in matmuls.items()
+                    if any(96 * 2 * 2 in port.get_partial_shape().to_shape() for port in op.inputs())}
+    assert len(memory_products) == 1 and len(pca_products) == 2
+    _, compressed = compress_head_matmuls(ov_model, split_graph(ov_model).head)
+    assert set(compressed) == pca_products  # the memory product is not among them
+
+
 def test_agreement_metric():
     maps = np.random.default_rng(0).random((3, 8, 8)) + 0.1
     scores = maps.max(axis=(1, 2))

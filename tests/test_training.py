@@ -207,3 +207,11 @@ def test_cli_help_lists_the_options():
     for flag in ("--category", "--data-root", "--backbone", "--weights", "--epochs", "--batch-size",
                  "--image-size", "--device", "--seed", "--out"):
         assert flag in result.stdout
+
+
+def test_a_memory_larger_than_the_cap_is_refused_before_training(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(stfpm, "MAX_MEMORY", 300)  # the synthetic set has a few thousand patches, far below 20k
+    with pytest.raises(ValueError, match="--memory-fraction 1 keeps .* more than 300 .*: lower it"):
+        stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                batch_size=8, out=str(tmp_path), memory_weight=1.0, memory_fraction=1.0))
+    assert not list(tmp_path.iterdir())  # no run folder left behind

@@ -19,7 +19,6 @@ from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.patch_memory import PatchMemory, greedy_coreset, locally_aware_patches
-from training.models.patch_memory.coreset import POOL
 from training.models.stfpm.torch_model import term_scales
 from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
@@ -48,6 +47,7 @@ def subspace_recipe(config: StfpmConfig) -> DfmConfig:
 
 
 MIN_MEMORY = 256  # patches: a small data set's memory still covers its normal variety
+MAX_MEMORY = 20_000  # patches: a 512 px frame is then 4096 x 20k distances (1.3 GB at batch 4), selection ~15 min
 
 
 @torch.no_grad()
@@ -60,7 +60,10 @@ def fit_memory(model: StfpmModel, data, config: StfpmConfig, device: torch.devic
         patches.append(local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]).half().cpu())
     patches = torch.cat(patches)
     size = min(len(patches), max(MIN_MEMORY, round(config.memory_fraction * len(patches))))
-    model.memory.memory = greedy_coreset(patches, min(size, POOL), seed=config.seed).to(device)
+    if size > MAX_MEMORY:
+        raise ValueError(f"--memory-fraction {config.memory_fraction:g} keeps {size} of {len(patches)} patches, more than "
+                         f"{MAX_MEMORY} (each frame would compare every patch with all of them): lower it")
+    model.memory.memory = greedy_coreset(patches, size, seed=config.seed).to(device)
     log.info("memory term: kept %d of %d training patches (%d features each)", model.memory.size, len(patches),
              patches.shape[1])
     return {"size": model.memory.size, "channels": int(patches.shape[1]), "fraction": config.memory_fraction}
