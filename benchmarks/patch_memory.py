@@ -42,7 +42,7 @@ from training.backbones import build_backbone
 from training.config import DfmConfig
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
-from training.models.patch_memory import greedy_coreset as coreset, locally_aware_patches
+from training.models.patch_memory import greedy_coreset as coreset, locally_aware_patches, patch_rows
 from training.models.patch_memory.coreset import POOL
 from training.models.patch_memory.torch_model import nearest_distance
 from training.pipeline import loader, prepare_data, seed_everything, synthetic_validation
@@ -74,16 +74,12 @@ def extract(extractor, batches, gain_range: tuple[float, float] | None = None, s
     return Features(torch.cat(patches), np.concatenate(labels))
 
 
-def flat(patches: torch.Tensor) -> torch.Tensor:
-    return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).float()
-
-
 def greedy_coreset(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    """The package's coreset (the memory term's), with this probe's option named in the error."""
-    if size > min(len(patches), POOL):
-        raise ValueError(f"a memory of {size} patches is more than the {min(len(patches), POOL)} it is drawn from: "
-                         "lower --bank-fraction")
-    return coreset(patches, size, seed)
+    """The package's coreset (the memory term's), with this probe's option named in its error."""
+    try:
+        return coreset(patches, size, seed, pool=POOL)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (here: lower --bank-fraction)") from None
 
 
 def nearest_distance_map(patches: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -154,7 +150,7 @@ def evaluate(data_root: str, category: str, backbone: str = "mobilenet_v2", imag
         """Coreset of these normal images' patches and of their gain copies."""
         chosen = [identity.patches[indices]] + [copy.patches[indices] for copy in gained]
         size = max(1, int(bank_fraction * len(indices) * patches_per_image))
-        return greedy_coreset(flat(torch.cat(chosen)), size, seed)
+        return greedy_coreset(patch_rows(torch.cat(chosen)).float(), size, seed)
 
     n_train = len(data.train)
     rows = []

@@ -88,13 +88,9 @@ def variant_scales(maps: dict, taps, how: str, scorer: ImageScore) -> list[float
 
 
 def term_weights(model, memory_weight: float | None) -> list[float]:
-    """The run's term weights (discrepancy first), the memory's replaced by `memory_weight` when given."""
-    weights = [1.0]
-    if model.subspace is not None:
-        weights.append(model.subspace_weight)
-    if model.memory is not None:
-        weights.append(model.memory_weight if memory_weight is None else memory_weight)
-    return weights
+    """The run's term weights (`StfpmModel.term_weights`), the memory's (the last) replaced by `memory_weight`."""
+    weights = model.term_weights
+    return weights if memory_weight is None else weights[:-1] + [memory_weight]
 
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,

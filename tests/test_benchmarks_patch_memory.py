@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import patch_memory
 from training.models.image_score import ImageScore
+from training.models.patch_memory import patch_rows
 
 
 def test_coreset_picks_distinct_patches_that_cover_every_cluster():
@@ -62,13 +63,13 @@ def test_out_of_fold_scores_never_see_their_own_image():
 
     def memory_of(indices):
         memories.append(set(indices.tolist()))
-        return patch_memory.flat(patches[indices])
+        return patch_rows(patches[indices]).float()
 
     scores = patch_memory.out_of_fold_scores(patches, memory_of, folds=3, seed=0, image_score=ImageScore())
     assert len(memories) == 3 and all(len(m) == 8 for m in memories)  # three folds of 4 held out
     assert set.union(*[set(range(12)) - m for m in memories]) == set(range(12))  # every image held out once
     assert np.all(scores > 0.1)
-    own = patch_memory.scores_of(patches, patch_memory.flat(patches), ImageScore())
+    own = patch_memory.scores_of(patches, patch_rows(patches).float(), ImageScore())
     assert np.all(own < 0.01)  # the same images inside the memory (float rounding): what a leak would give
 
 

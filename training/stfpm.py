@@ -18,7 +18,7 @@ from training.dfm import fit_subspace
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
-from training.models.patch_memory import PatchMemory, greedy_coreset, locally_aware_patches
+from training.models.patch_memory import PatchMemory, greedy_coreset, locally_aware_patches, patch_rows
 from training.models.stfpm.torch_model import term_scales
 from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
@@ -56,8 +56,7 @@ def fit_memory(model: StfpmModel, data, config: StfpmConfig, device: torch.devic
     input). Returns config.json's "memory" record (its shape, for rebuilding the run)."""
     patches = []
     for batch in tqdm(loader(data.train, data, config), desc="memory patches", unit="batch", leave=False):
-        local = locally_aware_patches(model.teacher(batch["image"].to(device)))
-        patches.append(local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]).half().cpu())
+        patches.append(patch_rows(locally_aware_patches(model.teacher(batch["image"].to(device)))).half().cpu())
     patches = torch.cat(patches)
     size = min(len(patches), max(MIN_MEMORY, round(config.memory_fraction * len(patches))))
     if size > MAX_MEMORY:

@@ -18,6 +18,11 @@ def locally_aware_patches(taps: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([fine, coarse], dim=1)
 
 
+def patch_rows(patches: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) patches -> (N*h*w, C), one row per patch: what the coreset selects from."""
+    return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+
+
 class PatchMemory(nn.Module):
     """Normal patches kept as a buffer; the map is each location's distance to its nearest one.
 

@@ -111,9 +111,13 @@ class StfpmModel(nn.Module):
             maps.append(self.memory.error_map(full, size))
         return maps
 
+    @property
+    def term_weights(self) -> list[float]:
+        """Each term's weight, in `term_maps`' order (the discrepancy's is 1)."""
+        return [1.0] + [self.subspace_weight] * (self.subspace is not None) + [self.memory_weight] * (self.memory is not None)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.term_maps(images)
         if len(maps) == 1:
             return self.image_score(maps[0])
-        weights = [1.0] + [self.subspace_weight] * (self.subspace is not None) + [self.memory_weight] * (self.memory is not None)
-        return self.image_score(combine_terms(maps, self.map_scales, weights))
+        return self.image_score(combine_terms(maps, self.map_scales, self.term_weights))
