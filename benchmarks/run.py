@@ -61,7 +61,7 @@ def _command(title: str, *args: str, log_file: Path) -> None:
 # Recipe settings a reused run must share with today's defaults, each with the value runs saved before it
 # existed were trained with (a student-only STFPM, a PCA on 3 posed copies).
 RECIPE_KEYS = {"stfpm": {"subspace_weight": 0.0, "subspace_posed_copies": 3, "memory_weight": 0.0, "student_pool": 1,
-                         "memory_fraction": StfpmConfig.memory_fraction},
+                         "memory_fraction": StfpmConfig.memory_fraction, "memory_fusion": "map"},
                "dfm": {"posed_copies": 3}}
 
 

@@ -1,7 +1,7 @@
 """Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
 
     python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3] [--defect-kinds warp]
-        [--memory-weights 0,1,2,4]
+        [--memory-weights 0,1,2,4] [--memory-fusions map,score] [--run-scoring-only]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
@@ -11,7 +11,10 @@ against defective copies of themselves, `training.data.synthetic_defects`); the 
 measured beside it and never rank anything. `--defect-strength` (fainter) and `--defect-kinds`
 (e.g. `warp`, shape only) change the synthetic defects, to see whether the ranking holds for defects
 more like real ones. `--memory-weights` scores a memory-term run (`--memory-weight`) at other weights too (same student,
-memory and scales). Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-memory<weights>].json`.
+memory and scales); `--memory-fusions` scores a memory-term run with the other way the memory joins the image
+score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
+the weight and fusion variants take minutes. Writes
+`benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-memory<weights>][-fusion<fusions>][-own].json`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
-from training.models.stfpm.torch_model import combine_terms, term_scales
+from training.models.stfpm.torch_model import FUSIONS, fuse_terms, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
 
@@ -71,12 +74,13 @@ def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
 
 
 def score(maps: dict, taps, how: str, scorer: ImageScore, scales: list[float] | None = None,
-          weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The variant's map and image scores; with other terms, added to it as the model does."""
+          weights: list[float] | None = None, fusion: str = "map") -> tuple[np.ndarray, np.ndarray]:
+    """The variant's map and image scores; with other terms, fused with it as the model does."""
     amap = combine(maps["maps"], taps, how)
     if maps["terms"]:
-        amap = combine_terms([amap, *maps["terms"]], scales, weights)
-    amap, image_score = scorer(amap)
+        amap, image_score = fuse_terms([amap, *maps["terms"]], scales, weights, scorer, int(fusion == "score"))
+    else:
+        amap, image_score = scorer(amap)
     return amap[:, 0].numpy(), image_score.numpy()
 
 
@@ -93,11 +97,23 @@ def term_weights(model, memory_weight: float | None) -> list[float]:
     return weights if memory_weight is None else weights[:-1] + [memory_weight]
 
 
+def run_scoring(model) -> tuple[list, tuple[str], list[tuple[str, float]], tuple[float]]:
+    """The run's own taps, combine, score and sigma, as one-entry variant lists."""
+    scorer = model.image_score
+    return [model.map_taps or (0, 1, 2)], (model.map_combine,), [(scorer.reduction, scorer.topk_fraction)], \
+        (scorer.smooth_sigma,)
+
+
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
-             defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = ()) -> dict:
+             defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = (),
+             fusions: tuple[str, ...] = (), run_scoring_only: bool = False) -> dict:
     model, saved = load_model(run_dir)
     if memory_weights and model.memory is None:
         raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
+    if fusions and model.memory is None:
+        raise ValueError("--memory-fusions needs a run with a memory term (--memory-weight > 0)")
+    if set(fusions) - set(FUSIONS):
+        raise ValueError(f"--memory-fusions must list some of {', '.join(FUSIONS)}, got {','.join(fusions)}")
     if any(weight < 0 for weight in memory_weights):
         raise ValueError(f"--memory-weights must be >= 0, got {','.join(f'{w:g}' for w in memory_weights)}")
     known = {f.name for f in fields(StfpmConfig)}
@@ -111,15 +127,16 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         "test": tap_maps(model, loader(data.test, data, config), device),
     }
     rows = []
-    for taps, how, (reduction, fraction), sigma, memory_weight in itertools.product(
-            TAP_SETS, COMBINES, SCORES, SIGMAS, memory_weights or (None,)):
+    tap_sets, combines, scores, sigmas = run_scoring(model) if run_scoring_only else (TAP_SETS, COMBINES, SCORES, SIGMAS)
+    for taps, how, (reduction, fraction), sigma, memory_weight, fusion in itertools.product(
+            tap_sets, combines, scores, sigmas, memory_weights or (None,), fusions or (model.memory_fusion,)):
         if len(taps) == 1 and how == "sum":
             continue  # one tap: product and sum are the same map
         scorer = ImageScore(sigma, reduction, fraction)
         term = (variant_scales(sets["validation"], taps, how, scorer), term_weights(model, memory_weight))
-        _, synthetic_scores = score(sets["synthetic"], taps, how, scorer, *term)
-        val_maps, val_scores = score(sets["validation"], taps, how, scorer, *term)
-        test_maps, test_scores = score(sets["test"], taps, how, scorer, *term)
+        _, synthetic_scores = score(sets["synthetic"], taps, how, scorer, *term, fusion)
+        val_maps, val_scores = score(sets["validation"], taps, how, scorer, *term, fusion)
+        test_maps, test_scores = score(sets["test"], taps, how, scorer, *term, fusion)
         thresholds = estimate_thresholds(val_scores, val_maps, config.target_fpr, config.pixel_fpr,
                                          confidence=config.threshold_confidence)
         with_masks = data.has_masks and bool(sets["test"]["masks"].any())
@@ -129,6 +146,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         rows.append({
             "map_taps": ",".join(map(str, taps)), "map_combine": how, "score_reduction": reduction,
             "topk_fraction": fraction, "smooth_sigma": sigma, "memory_weight": term[1][-1] if model.memory else 0.0,
+            "memory_fusion": fusion,
             "synthetic_validation_auroc": image_auroc(sets["synthetic"]["labels"], synthetic_scores),
             **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed",
                                        "recall_deployed", "image_f1_optimal")},
@@ -142,12 +160,12 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
 def table(result: dict) -> str:
     lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
              f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g})",
-             "| map taps | combine | score | sigma | memory weight | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
-             "|---|---|---|---|---:|---:|---:|---:|---|"]
+             "| map taps | combine | score | sigma | memory weight | memory fusion | synthetic val AUROC | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         score_name = "max" if r["score_reduction"] == "max" else f"top {r['topk_fraction']:.1%}"
         pixel = "" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | "
+        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | {r.get('memory_fusion', 'map')} | "
                      f"{r['synthetic_validation_auroc']:.3f} | {r['image_auroc']:.3f} | {pixel} | "
                      f"{r['image_f1_deployed']:.2f} / {r['fpr_deployed']:.2f} / {r['recall_deployed']:.2f} |")
     return "\n".join(lines)
@@ -163,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(ALL_KINDS)} (default: the training cycle)")
     parser.add_argument("--memory-weights", default="",
                         help="comma list of memory-term weights to score as variants too (default: the run's own)")
+    parser.add_argument("--memory-fusions", default="",
+                        help=f"comma list of {', '.join(FUSIONS)}: how the memory joins the image score (default: the run's own)")
+    parser.add_argument("--run-scoring-only", action="store_true",
+                        help="score only the run's own taps, combine, score and sigma (the weight and fusion variants)")
     args = parser.parse_args(argv)
 
     def go() -> None:
@@ -173,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
-        result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights)
+        fusions = tuple(f.strip() for f in args.memory_fusions.split(",") if f.strip())
+        result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights, fusions,
+                          args.run_scoring_only)
         RESULTS.mkdir(exist_ok=True)
         suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
             ("" if kinds == KINDS else "-" + "+".join(kinds)) + \
-            ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights))
+            ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights)) + \
+            ("" if not fusions else "-fusion" + "+".join(fusions)) + ("-own" if args.run_scoring_only else "")
         (RESULTS / f"stfpm_scoring-{args.run.name}{suffix}.json").write_text(json.dumps(result, indent=1))
         print(table(result))
 

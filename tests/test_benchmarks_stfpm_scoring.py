@@ -79,3 +79,31 @@ def test_memory_weights_are_variants_and_the_runs_own_reproduces_its_metrics(tin
     assert "--memory-weights must be a comma list" in capsys.readouterr().err
     assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "-1"]) == 2
     assert "--memory-weights must be >= 0" in capsys.readouterr().err
+
+
+def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, tiny_stfpm_run, capsys):
+    """--run-scoring-only keeps the run's taps, combine, score and sigma; its own fusion reproduces its metrics,
+    and the other fusion is the model's own forward with memory_fusion="score"."""
+    result = stfpm_scoring.evaluate(tiny_memory_run, None, fusions=("map", "score"), run_scoring_only=True)
+    metrics = json.loads((tiny_memory_run / "metrics.json").read_text())
+    assert [(r["map_taps"], r["map_combine"], r["score_reduction"], r["smooth_sigma"]) for r in result["rows"]] == \
+        [("0,1,2", "product", "max", 0.0)] * 2
+    rows = {r["memory_fusion"]: r for r in result["rows"]}
+    assert rows["map"]["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    from training.pipeline import loader, prepare_data
+    from training.run_dir import load_model
+    model, saved = load_model(tiny_memory_run)
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size", "student_pool")})
+    data = prepare_data(config)
+    maps = stfpm_scoring.tap_maps(model, loader(data.test, data, config), torch.device("cpu"))
+    model.memory_fusion = "score"
+    with torch.no_grad():
+        forward = torch.cat([model(batch["image"])[1] for batch in loader(data.test, data, config)]).numpy()
+    scales = model.map_scales.tolist()
+    _, fused = stfpm_scoring.score(maps, (0, 1, 2), "product", model.image_score, scales, model.term_weights, "score")
+    np.testing.assert_allclose(fused, forward, rtol=1e-4)
+    assert "| memory fusion |" in stfpm_scoring.table(result)
+    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-fusions", "score"]) == 2
+    assert "--memory-fusions needs a run with a memory term" in capsys.readouterr().err
+    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fusions", "mean"]) == 2
+    assert "--memory-fusions must list some of map, score" in capsys.readouterr().err

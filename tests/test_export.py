@@ -37,7 +37,8 @@ DFM_TAPS = {"mobilenet_v2": (1, 2)}
 # STFPM's subspace term (a DFM on the teacher's features, the default recipe's), exported for one backbone.
 STFPM_SUBSPACE = {"mobilenet_v2": 2.0}
 # "stfpm-memory": the same plus the memory term (--memory-weight) on the full input, the student's terms on the
-# input pooled by 2 (--student-pool 2).
+# input pooled by 2 (--student-pool 2), joining the image score by its own (--memory-fusion score: its per-term
+# smoothing and top-k; the map fusion is the subspace case's sum).
 MEMORY_WEIGHT = 3.0
 
 
@@ -83,7 +84,8 @@ def build(algorithm: str, backbone: str) -> torch.nn.Module:
         memory = fitted_memory(backbone_instance(backbone, 0)) if with_memory else None
         model = StfpmModel(backbone_instance(backbone, 0), backbone_instance(backbone, 1), scoring,
                            subspace=subspace, subspace_weight=weight, memory=memory,
-                           memory_weight=MEMORY_WEIGHT if with_memory else 0.0, student_pool=student_pool).eval()
+                           memory_weight=MEMORY_WEIGHT if with_memory else 0.0, student_pool=student_pool,
+                           memory_fusion="score" if with_memory else "map").eval()
         if hasattr(model, "map_scales"):  # any scales: parity must hold for these too
             model.map_scales.copy_(torch.tensor([0.3, 2.0, 0.7][:len(model.map_scales)]))
         return model

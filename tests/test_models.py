@@ -11,6 +11,7 @@ from training.models.patch_memory import PatchMemory, locally_aware_patches
 from training.models.patch_memory.torch_model import nearest_distance
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.stfpm.anomaly_map import anomaly_map
+from training.models.stfpm.torch_model import combine_terms
 from training.models.upsample import resize_bilinear
 
 
@@ -245,6 +246,25 @@ def test_memory_term_is_added_scaled_and_sees_the_full_input_while_the_student_s
     torch.testing.assert_close(amap, discrepancy / 0.5 + 2.0 * subspace_map / 4.0 + 3.0 * memory_map / 2.0)
     torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
     assert memory_map.abs().max() < 1e-2  # the memory holds these very images' patches
+
+
+def test_memory_fused_by_score_adds_its_own_score_to_the_student_terms_map_score():
+    model, normal = stfpm_with_memory(student_pool=2)
+    model.map_scales.copy_(torch.tensor([0.5, 4.0, 2.0]))
+    images = normal[:3].clone()
+    images[:, :, 8:24, 8:24] = 1.0  # a bright patch: the terms peak, at pixels of their own grids
+    with torch.no_grad():
+        by_map = model(images)
+        model.memory_fusion = "score"
+        amap, score = model(images)
+        student_terms, memory_map = combine_terms(model.term_maps(images)[:2], model.map_scales, [1.0, 2.0]), \
+            model.term_maps(images)[2]
+    torch.testing.assert_close(amap, by_map[0])  # the map is the same
+    torch.testing.assert_close(score, student_terms.amax(dim=(1, 2, 3)) + 3.0 * memory_map.amax(dim=(1, 2, 3)) / 2.0)
+    # the max of a sum is at most the sum of the maxima, equal only where all terms peak at one pixel
+    assert torch.all(score >= by_map[1] - 1e-4) and torch.any(score > by_map[1] + 1e-3)
+    with pytest.raises(ValueError, match="memory fusion"):
+        StfpmModel(model.teacher, model.student, memory=model.memory, memory_weight=1.0, memory_fusion="mean")
 
 
 def test_memory_term_raises_a_patch_no_normal_image_had():

@@ -154,12 +154,17 @@ def test_stfpm_memory_term_is_a_coreset_of_the_full_inputs_training_patches(synt
     (broken / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "memory"}))
     with pytest.raises(RunDirError, match="no \"memory\" record"):
         load_model(broken)
+    assert saved["memory_fusion"] == model.memory_fusion == "map"
+    (broken / "config.json").write_text(json.dumps(saved | {"memory_fusion": "score"}))
+    assert load_model(broken)[0].memory_fusion == "score"  # the run's fusion is rebuilt with it
 
 
 @pytest.mark.parametrize("option,value,message", [
     ("--memory-weight", "-1", "--memory-weight must be >= 0"),
     ("--memory-fraction", "0", "--memory-fraction must be in (0, 1]"),
     ("--student-pool", "3", "--student-pool must be >= 1 and divide --image-size"),
+    ("--memory-fusion", "mean", "--memory-fusion must be one of map, score"),
+    ("--memory-fusion", "score", "--memory-fusion score needs --memory-weight > 0"),
 ])
 def test_cli_bad_memory_options_are_one_line_errors(synthetic_root, tmp_path, option, value, message):
     result = run_cli("-m", "training.stfpm", "--category", "synthetic", "--data-root", str(synthetic_root),

@@ -63,6 +63,9 @@ class StfpmConfig(TrainConfig):
     student_pool: int = 1
     memory_weight: float = 0.0
     memory_fraction: float = 0.003
+    # How the memory joins the image score: "map" (through the summed map) or "score" (its own image score added to
+    # that of the student's terms' map, each over its validation scale). The map is the same (docs/TRAINING.md, round 12).
+    memory_fusion: str = "map"
     algorithm: str = "stfpm"
 
 
@@ -113,6 +116,7 @@ HELP = {
     "student_pool": "STFPM: the student, its teacher pass and the subspace term see the input average-pooled by this factor (the memory term sees the full input)",
     "memory_weight": "STFPM: add the distance of each patch of the full input to its nearest normal training patch to the map with this weight (scaled to mean 1 on validation normals; 0: off)",
     "memory_fraction": "STFPM: share of the training images' patches the memory keeps (greedy k-centre coreset of a random pool of 100k)",
+    "memory_fusion": "STFPM with a memory term: it joins the image score through the summed map (map) or by its own image score (score); the map is the same",
     "subspace_weight": "STFPM: add the default DFM recipe's reconstruction error on the teacher's features to the map with this weight (each term scaled to mean 1 on validation normals; 0: plain STFPM)",
 }
 

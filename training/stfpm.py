@@ -19,7 +19,7 @@ from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
 from training.models.stfpm import StfpmModel, stfpm_loss
 from training.models.patch_memory import PatchMemory, greedy_coreset, locally_aware_patches, patch_rows
-from training.models.stfpm.torch_model import term_scales
+from training.models.stfpm.torch_model import FUSIONS, term_scales
 from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
 from training.pipeline import (
@@ -108,7 +108,8 @@ def build_model(config: StfpmConfig | dict, pretrained: bool = True) -> StfpmMod
     return StfpmModel(teacher, student, image_score_from(config),
                       map_taps=parse_taps(config.get("map_taps", "0,1,2"), "--map-taps"),
                       map_combine=config.get("map_combine", "product"), subspace=subspace, subspace_weight=weight,
-                      memory=memory, memory_weight=memory_weight, student_pool=int(config.get("student_pool", 1)))
+                      memory=memory, memory_weight=memory_weight, student_pool=int(config.get("student_pool", 1)),
+                      memory_fusion=config.get("memory_fusion", "map"))
 
 
 @torch.no_grad()
@@ -179,6 +180,10 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError(f"--hard-quantile must be in [0, 1), got {config.hard_quantile}")
     Augmentation.parse(config.augment)
     parse_taps(config.map_taps, "--map-taps")
+    if config.memory_fusion not in FUSIONS:
+        raise ValueError(f"--memory-fusion must be one of {', '.join(FUSIONS)}, got {config.memory_fusion!r}")
+    if config.memory_fusion == "score" and config.memory_weight == 0:
+        raise ValueError("--memory-fusion score needs --memory-weight > 0 (it says how the memory term joins the score)")
     if config.map_combine not in COMBINES:
         raise ValueError(f"--map-combine must be one of {', '.join(COMBINES)}, got {config.map_combine!r}")
     seed_everything(config.seed)

@@ -11,6 +11,8 @@ from training.models.image_score import ImageScore
 from training.models.patch_memory import PatchMemory
 from training.models.stfpm.anomaly_map import anomaly_map
 
+FUSIONS = ("map", "score")
+
 
 def combine_terms(maps: list[torch.Tensor], scales, weights: list[float]) -> torch.Tensor:
     """Sum of each term's map over its scale (its mean image score on validation normals), weighted."""
@@ -18,6 +20,20 @@ def combine_terms(maps: list[torch.Tensor], scales, weights: list[float]) -> tor
     for index in range(1, len(maps)):
         combined = combined + weights[index] * maps[index] / scales[index]
     return combined
+
+
+def fuse_terms(maps: list[torch.Tensor], scales, weights: list[float], image_score: ImageScore,
+               score_fused: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(smoothed map, image score) of several terms. The map is always their scaled, weighted sum. The image
+    score is that of the sum of the first terms' maps plus, for each of the last `score_fused` terms, its own
+    image score, scaled and weighted the same way."""
+    split = len(maps) - score_fused
+    amap, score = image_score(combine_terms(maps[:split], scales[:split], weights[:split]))
+    for index in range(split, len(maps)):
+        term_map, term_score = image_score(maps[index])
+        amap = amap + weights[index] * term_map / scales[index]
+        score = score + weights[index] * term_score / scales[index]
+    return amap, score
 
 
 def term_scales(image_score: ImageScore, *maps: torch.Tensor) -> torch.Tensor:
@@ -45,13 +61,22 @@ class StfpmModel(nn.Module):
     see it average-pooled by `student_pool` (2: a 512 px input, the student's terms at 256 px). Why: the
     few-pixel defects of a small part need the finer grid (docs/TRAINING.md, round 11); the student's
     terms were chosen at 256 px and lose at 384 px.
+
+    `memory_fusion` says how the memory joins the image score: through the summed map ("map"), or by its own
+    image score added to the score of the student's terms' map ("score"; the map is the same). Why try
+    "score": the memory peaks on the full grid, the student's terms on the pooled one, and a sum of maps lets
+    each term's normal background dilute the other's peak. On screw the synthetic signal ties them (round 12).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, image_score: ImageScore | None = None,
                  map_taps: tuple[int, ...] | None = None, map_combine: str = "product",
                  subspace: DfmModel | None = None, subspace_weight: float = 0.0,
-                 memory: PatchMemory | None = None, memory_weight: float = 0.0, student_pool: int = 1):
+                 memory: PatchMemory | None = None, memory_weight: float = 0.0, student_pool: int = 1,
+                 memory_fusion: str = "map"):
         super().__init__()
+        if memory_fusion not in FUSIONS:
+            raise ValueError(f"memory fusion must be one of {', '.join(FUSIONS)}, got {memory_fusion!r}")
+        self.memory_fusion = memory_fusion
         if (subspace is None) != (subspace_weight == 0.0):
             raise ValueError("a subspace term needs a weight > 0, and a weight needs a subspace")
         if (memory is None) != (memory_weight == 0.0):
@@ -116,8 +141,13 @@ class StfpmModel(nn.Module):
         """Each term's weight, in `term_maps`' order (the discrepancy's is 1)."""
         return [1.0] + [self.subspace_weight] * (self.subspace is not None) + [self.memory_weight] * (self.memory is not None)
 
+    @property
+    def score_fused_terms(self) -> int:
+        """How many of the last terms join the image score by their own score (`fuse_terms`)."""
+        return int(self.memory is not None and self.memory_fusion == "score")
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.term_maps(images)
         if len(maps) == 1:
             return self.image_score(maps[0])
-        return self.image_score(combine_terms(maps, self.map_scales, self.term_weights))
+        return fuse_terms(maps, self.map_scales, self.term_weights, self.image_score, self.score_fused_terms)
