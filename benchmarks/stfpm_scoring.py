@@ -78,7 +78,7 @@ def score(maps: dict, taps, how: str, scorer: ImageScore, scales: list[float] | 
     """The variant's map and image scores; with other terms, fused with it as the model does."""
     amap = combine(maps["maps"], taps, how)
     if maps["terms"]:
-        amap, image_score = fuse_terms([amap, *maps["terms"]], scales, weights, scorer, int(fusion == "score"))
+        amap, image_score = fuse_terms([amap, *maps["terms"]], scales, weights, scorer, fusion == "score")
     else:
         amap, image_score = scorer(amap)
     return amap[:, 0].numpy(), image_score.numpy()
@@ -100,7 +100,7 @@ def term_weights(model, memory_weight: float | None) -> list[float]:
 def run_scoring(model) -> tuple[list, tuple[str], list[tuple[str, float]], tuple[float]]:
     """The run's own taps, combine, score and sigma, as one-entry variant lists."""
     scorer = model.image_score
-    return [model.map_taps or (0, 1, 2)], (model.map_combine,), [(scorer.reduction, scorer.topk_fraction)], \
+    return [model.map_taps], (model.map_combine,), [(scorer.reduction, scorer.topk_fraction)], \
         (scorer.smooth_sigma,)
 
 
@@ -112,8 +112,6 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
     if fusions and model.memory is None:
         raise ValueError("--memory-fusions needs a run with a memory term (--memory-weight > 0)")
-    if set(fusions) - set(FUSIONS):
-        raise ValueError(f"--memory-fusions must list some of {', '.join(FUSIONS)}, got {','.join(fusions)}")
     if any(weight < 0 for weight in memory_weights):
         raise ValueError(f"--memory-weights must be >= 0, got {','.join(f'{w:g}' for w in memory_weights)}")
     known = {f.name for f in fields(StfpmConfig)}
@@ -195,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
-        fusions = tuple(f.strip() for f in args.memory_fusions.split(",") if f.strip())
+        fusions = tuple(dict.fromkeys(f.strip() for f in args.memory_fusions.split(",") if f.strip()))
+        if set(fusions) - set(FUSIONS):
+            raise ValueError(f"--memory-fusions must list some of {', '.join(FUSIONS)}, got {args.memory_fusions!r}")
         result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights, fusions,
                           args.run_scoring_only)
         RESULTS.mkdir(exist_ok=True)

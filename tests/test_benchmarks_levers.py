@@ -5,6 +5,16 @@ import json
 from benchmarks import levers
 
 
+def test_a_lever_key_leaves_out_later_options_at_their_old_behaviour():
+    """Runs keyed before an option existed are still found: at the value that trains what they trained the
+    option is not in the key, at another it is."""
+    from training.config import StfpmConfig
+
+    today = json.loads(levers._key(StfpmConfig(category="screw")))
+    assert not {"memory_weight", "memory_fraction", "memory_fusion", "student_pool", "subspace_posed_copies"} & set(today)
+    assert json.loads(levers._key(StfpmConfig(category="screw", memory_fusion="score")))["memory_fusion"] == "score"
+
+
 def test_greedy_sweep_keeps_only_gains_above_the_margin_and_reuses_runs(synthetic_root, tmp_path, monkeypatch):
     steps = [("baseline", {}), ("map score", {"score_type": "map", "score_reduction": "topk"}),
              ("same again", {"variance_ratio": 0.97})]

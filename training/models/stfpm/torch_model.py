@@ -23,17 +23,15 @@ def combine_terms(maps: list[torch.Tensor], scales, weights: list[float]) -> tor
 
 
 def fuse_terms(maps: list[torch.Tensor], scales, weights: list[float], image_score: ImageScore,
-               score_fused: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               last_by_score: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(smoothed map, image score) of several terms. The map is always their scaled, weighted sum. The image
-    score is that of the sum of the first terms' maps plus, for each of the last `score_fused` terms, its own
-    image score, scaled and weighted the same way."""
-    split = len(maps) - score_fused
-    amap, score = image_score(combine_terms(maps[:split], scales[:split], weights[:split]))
-    for index in range(split, len(maps)):
-        term_map, term_score = image_score(maps[index])
-        amap = amap + weights[index] * term_map / scales[index]
-        score = score + weights[index] * term_score / scales[index]
-    return amap, score
+    score is that sum's; with last_by_score, that of the other terms' sum plus the last term's own image
+    score, scaled and weighted the same way."""
+    if not last_by_score:
+        return image_score(combine_terms(maps, scales, weights))
+    amap, score = image_score(combine_terms(maps[:-1], scales[:-1], weights[:-1]))
+    last_map, last_score = image_score(maps[-1])
+    return amap + weights[-1] * last_map / scales[-1], score + weights[-1] * last_score / scales[-1]
 
 
 def term_scales(image_score: ImageScore, *maps: torch.Tensor) -> torch.Tensor:
@@ -141,13 +139,9 @@ class StfpmModel(nn.Module):
         """Each term's weight, in `term_maps`' order (the discrepancy's is 1)."""
         return [1.0] + [self.subspace_weight] * (self.subspace is not None) + [self.memory_weight] * (self.memory is not None)
 
-    @property
-    def score_fused_terms(self) -> int:
-        """How many of the last terms join the image score by their own score (`fuse_terms`)."""
-        return int(self.memory is not None and self.memory_fusion == "score")
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.term_maps(images)
         if len(maps) == 1:
             return self.image_score(maps[0])
-        return fuse_terms(maps, self.map_scales, self.term_weights, self.image_score, self.score_fused_terms)
+        memory_by_score = self.memory is not None and self.memory_fusion == "score"  # the memory is the last term
+        return fuse_terms(maps, self.map_scales, self.term_weights, self.image_score, memory_by_score)
