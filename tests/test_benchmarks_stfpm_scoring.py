@@ -90,7 +90,7 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
         [("0,1,2", "product", "max", 0.0)] * 2
     rows = {r["memory_fusion"]: r for r in result["rows"]}
     assert rows["map"]["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
-    from training.pipeline import loader, prepare_data
+    from training.pipeline import loader, prepare_data, synthetic_validation
     from training.run_dir import load_model
     model, saved = load_model(tiny_memory_run)
     config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size", "student_pool")})
@@ -102,7 +102,14 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
     scales = model.map_scales.tolist()
     _, fused = stfpm_scoring.score(maps, (0, 1, 2), "product", model.image_score, scales, model.term_weights, "score")
     np.testing.assert_allclose(fused, forward, rtol=1e-4)
-    assert "| memory fusion |" in stfpm_scoring.table(result)
+    # the synthetic defects over the run's own deployed threshold, from the model's own (map-fused) forward
+    model.memory_fusion = "map"
+    with torch.no_grad():
+        synthetic = [(model(batch["image"])[1], batch["label"]) for batch in synthetic_validation(data, config)]
+    synthetic_scores, labels = torch.cat([s for s, _ in synthetic]), torch.cat([label for _, label in synthetic])
+    assert rows["map"]["synthetic_recall_deployed"] == pytest.approx(
+        float((synthetic_scores[labels == 1] > metrics["thresholds"]["image"]).float().mean()), abs=1e-6)
+    assert "| memory fusion |" in stfpm_scoring.table(result) and "| synthetic recall deployed |" in stfpm_scoring.table(result)
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-fusions", "score"]) == 2
     assert "--memory-fusions needs a run with a memory term" in capsys.readouterr().err
     assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fusions", "mean"]) == 2
