@@ -48,8 +48,9 @@ def nearest_distance(patches: torch.Tensor, memory: torch.Tensor) -> torch.Tenso
     """(N, C, h, w) patches, (M, C) memory -> (N, 1, h, w) Euclidean distance of each patch to its nearest."""
     n, c, h, w = patches.shape
     queries = patches.flatten(2).transpose(1, 2)  # (N, hw, C)
-    # ||q - m||^2 = ||q||^2 - 2 q.m + ||m||^2. The product stays a batched (rank-3) MatMul, which INT8
-    # calibration leaves FP32 (calibration.int8 compresses only rank-2 feature products): INT8 weights
-    # would shift small distances by more than a defect adds.
-    squared = queries.pow(2).sum(2, keepdim=True) - 2 * torch.matmul(queries, memory.T) + memory.pow(2).sum(1)
-    return squared.amin(dim=2).clamp_min(0).sqrt().reshape(n, 1, h, w)
+    # ||q - m||^2 = ||q||^2 + (||m||^2 - 2 q.m). The bracket is a product with a bias, which OpenVINO runs as one
+    # FullyConnected; its minimum over the memory comes first, so ||q||^2 is added to hw values, not hw x M.
+    # The product stays a batched (rank-3) MatMul, which INT8 calibration leaves FP32 (calibration.int8
+    # compresses only rank-2 feature products): INT8 weights would shift small distances by more than a defect adds.
+    nearest = (torch.matmul(queries, -2 * memory.T) + memory.pow(2).sum(1)).amin(dim=2)
+    return (queries.pow(2).sum(2) + nearest).clamp_min(0).sqrt().reshape(n, 1, h, w)
