@@ -70,22 +70,24 @@ class Operator:
                                 resend=(resend, lambda: self.publish(message)))
 
     def wait_result(self, match, timeout: float = 30.0, skip: int = 0, what: str = "result", resend=None) -> dict:
+        def found(operator):
+            matching = [r for r in operator.results if match(r)]
+            return matching[skip] if len(matching) > skip else None
+
+        try:
+            return self.wait(found, timeout, resend=resend)
+        except AssertionError:
+            raise AssertionError(f"no answer for {what} within {timeout} s; got {self.results}") from None
+
+    def wait(self, predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.02, resend=None):
+        """Poll predicate(self) until it is truthy; resend=(seconds, publish) publishes again each time that long
+        passes without it (a command sent before edge-ad's subscription reached the broker is lost, see `send`)."""
         deadline = time.monotonic() + timeout
         again = time.monotonic() + resend[0] if resend else None
         while time.monotonic() < deadline:
             if again is not None and time.monotonic() > again:
                 resend[1]()
                 again = time.monotonic() + resend[0]
-            with self.lock:
-                found = [r for r in self.results if match(r)]
-            if len(found) > skip:
-                return found[skip]
-            time.sleep(0.02)
-        raise AssertionError(f"no answer for {what} within {timeout} s; got {self.results}")
-
-    def wait(self, predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.02):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
             with self.lock:
                 value = predicate(self)
             if value:

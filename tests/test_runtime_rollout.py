@@ -169,9 +169,10 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         edge.wait_log("remote commands on")
         name, sha = served["big"]
         server.delay = 0.02
-        op.publish({"id": "slow", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}})
+        slow = {"id": "slow", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
+        op.publish(slow)  # each wait below sends its command again (same id) if the first one was lost
         op.wait(lambda o: store.is_dir() and any(p.name.startswith(".staging-") for p in store.iterdir()),
-                what="staging")
+                what="staging", resend=(5.0, lambda: op.publish(slow)))
         time.sleep(0.3)
         edge.kill()
         server.delay = 0.0
@@ -181,9 +182,10 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         edge.wait_log("remote commands on")
         assert not [p for p in store.iterdir() if p.name.startswith(".staging-")]  # cleaned at start
         name, sha = served["new"]
-        op.publish({"id": "stored", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}})
+        stored = {"id": "stored", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
+        op.publish(stored)
         op.wait(lambda o: [p for p in store.iterdir() if not p.name.startswith(".")], timeout=30, interval=0.002,
-                what="the bundle in the store")
+                what="the bundle in the store", resend=(5.0, lambda: op.publish(stored)))
         edge.kill()
         # usually killed while it compiles (no record); on a slow machine the kill may land after the swap and
         # the record: then it is whole and names a complete bundle, never one activated before it ran
@@ -196,8 +198,10 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         edge = start(bundle_dir, video, mosquitto, state, "roll3")
         edge.wait_log("remote commands on")
         assert ("using the remotely deployed bundle" in edge.log) == stored_record
-        op.publish({"id": "swap", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}})
-        edge.wait_log("is the first one decided by the new model")
+        swap = {"id": "swap", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
+        op.publish(swap)
+        op.wait(lambda o: "is the first one decided by the new model" in edge.log, timeout=60, interval=0.005,
+                what="the new model's first frame", resend=(5.0, lambda: op.publish(swap)))
         edge.kill()
         record = json.loads(pointer.read_text()) if pointer.exists() else None  # whole, or not there
         print("killed at the swap; active-bundle record:", record)
