@@ -35,7 +35,7 @@ from edge_ad.decide.thresholds import estimate_thresholds
 from edge_ad.ops.tool_cli import run_tool
 from training.config import StfpmConfig
 from training.data.synthetic_defects import ALL_KINDS, KINDS
-from training.metrics import compute_metrics, image_auroc
+from training.metrics import compute_metrics, image_auroc, rates_at
 from training.models.image_score import ImageScore
 from training.models.stfpm.anomaly_map import tap_distance
 from training.models.stfpm.torch_model import FUSIONS, fuse_terms, term_scales
@@ -147,7 +147,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
             "memory_fusion": fusion,
             "synthetic_validation_auroc": image_auroc(sets["synthetic"]["labels"], synthetic_scores),
             # the share of synthetic defects over the validation threshold: what a deployed F1 sees of them
-            "synthetic_recall_deployed": float((synthetic_scores[sets["synthetic"]["labels"] == 1] > thresholds.image).mean()),
+            "synthetic_recall_deployed": rates_at(sets["synthetic"]["labels"], synthetic_scores, thresholds.image)[1],
             **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed",
                                        "recall_deployed", "image_f1_optimal")},
         })
@@ -155,6 +155,11 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
     return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
             "defect_strength": defect_strength, "defect_kinds": list(defect_kinds),
             "subspace_weight": model.subspace_weight, "memory_weight": model.memory_weight, "rows": rows}
+
+
+def _cell(value, spec: str) -> str:
+    """A table cell; blank for a column that results written before it lack."""
+    return "" if value is None else format(value, spec)
 
 
 def table(result: dict) -> str:
@@ -166,7 +171,7 @@ def table(result: dict) -> str:
         score_name = "max" if r["score_reduction"] == "max" else f"top {r['topk_fraction']:.1%}"
         pixel = "" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
         lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | {r.get('memory_fusion', 'map')} | "
-                     f"{r['synthetic_validation_auroc']:.3f} | {r['synthetic_recall_deployed']:.2f} | {r['image_auroc']:.3f} | {pixel} | "
+                     f"{r['synthetic_validation_auroc']:.3f} | {_cell(r.get('synthetic_recall_deployed'), '.2f')} | {r['image_auroc']:.3f} | {pixel} | "
                      f"{r['image_f1_deployed']:.2f} / {r['fpr_deployed']:.2f} / {r['recall_deployed']:.2f} |")
     return "\n".join(lines)
 

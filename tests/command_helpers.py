@@ -18,6 +18,10 @@ import paho.mqtt.client as mqtt
 from runtime_helpers import REPO, cli_env
 
 
+class WaitTimeout(AssertionError):
+    """A wait that ran out of time (an assertion raised by a predicate passes through as itself)."""
+
+
 class Operator:
     """Sends commands to one camera and collects its answers, snapshots and status (an MQTT client)."""
 
@@ -76,8 +80,8 @@ class Operator:
 
         try:
             return self.wait(found, timeout, resend=resend)
-        except AssertionError:
-            raise AssertionError(f"no answer for {what} within {timeout} s; got {self.results}") from None
+        except WaitTimeout:
+            raise WaitTimeout(f"no answer for {what} within {timeout} s; got {self.results}") from None
 
     def wait(self, predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.02, resend=None):
         """Poll predicate(self) until it is truthy; resend=(seconds, publish) publishes again each time that long
@@ -93,7 +97,7 @@ class Operator:
             if value:
                 return value
             time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}")
+        raise WaitTimeout(f"timed out waiting for {what}")
 
     def close(self) -> None:
         self.client.disconnect()
@@ -117,6 +121,13 @@ class EdgeAd:
     @property
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def running(self) -> bool:
+        """True while edge-ad runs; once it has exited, an AssertionError with its exit code and log."""
+        if self.proc.poll() is None:
+            return True
+        self._reader.join(2)
+        raise AssertionError(f"edge-ad exited ({self.proc.returncode}):\n{self.log[-3000:]}")
 
     def wait_log(self, text: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

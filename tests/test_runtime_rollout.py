@@ -171,7 +171,7 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         server.delay = 0.02
         slow = {"id": "slow", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
         op.publish(slow)  # each wait below sends its command again (same id) if the first one was lost
-        op.wait(lambda o: store.is_dir() and any(p.name.startswith(".staging-") for p in store.iterdir()),
+        op.wait(lambda o: edge.running() and store.is_dir() and any(p.name.startswith(".staging-") for p in store.iterdir()),
                 what="staging", resend=(5.0, lambda: op.publish(slow)))
         time.sleep(0.3)
         edge.kill()
@@ -184,8 +184,8 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         name, sha = served["new"]
         stored = {"id": "stored", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
         op.publish(stored)
-        op.wait(lambda o: [p for p in store.iterdir() if not p.name.startswith(".")], timeout=30, interval=0.002,
-                what="the bundle in the store", resend=(5.0, lambda: op.publish(stored)))
+        op.wait(lambda o: edge.running() and [p for p in store.iterdir() if not p.name.startswith(".")], timeout=30,
+                interval=0.002, what="the bundle in the store", resend=(5.0, lambda: op.publish(stored)))
         edge.kill()
         # usually killed while it compiles (no record); on a slow machine the kill may land after the swap and
         # the record: then it is whole and names a complete bundle, never one activated before it ran
@@ -200,8 +200,8 @@ def test_sigkill_during_a_deploy_leaves_a_bundle_that_loads_at_the_next_start(bu
         assert ("using the remotely deployed bundle" in edge.log) == stored_record
         swap = {"id": "swap", "command": "deploy", "args": {"url": f"{served['url']}/{name}", "sha256": sha}}
         op.publish(swap)
-        op.wait(lambda o: "is the first one decided by the new model" in edge.log, timeout=60, interval=0.005,
-                what="the new model's first frame", resend=(5.0, lambda: op.publish(swap)))
+        op.wait(lambda o: edge.running() and "is the first one decided by the new model" in edge.log, timeout=60,
+                interval=0.005, what="the new model's first frame", resend=(5.0, lambda: op.publish(swap)))
         edge.kill()
         record = json.loads(pointer.read_text()) if pointer.exists() else None  # whole, or not there
         print("killed at the swap; active-bundle record:", record)
