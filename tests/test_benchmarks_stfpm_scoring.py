@@ -110,7 +110,8 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
     recall = float((synthetic_scores[labels == 1] >= metrics["thresholds"]["image"]).float().mean())
     assert 0 < recall < 1  # a case where the count matters
     assert rows["map"]["synthetic_recall_deployed"] == pytest.approx(recall, abs=1e-6)
-    assert "| memory fusion |" in stfpm_scoring.table(result) and "| synthetic recall deployed |" in stfpm_scoring.table(result)
+    text = stfpm_scoring.table(result)
+    assert "| memory fusion |" in text and "| synthetic recall deployed |" in text
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-fusions", "score"]) == 2
     assert "--memory-fusions needs a run with a memory term" in capsys.readouterr().err
     assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fusions", "mean"]) == 2

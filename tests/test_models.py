@@ -260,8 +260,8 @@ def test_memory_fused_by_score_adds_its_own_score_to_the_student_terms_map_score
         by_map = model(images)
         model.memory_fusion = "score"
         amap, score = model(images)
-        student_terms, memory_map = combine_terms(model.term_maps(images)[:2], model.map_scales, [1.0, 2.0]), \
-            model.term_maps(images)[2]
+        discrepancy, subspace_map, memory_map = model.term_maps(images)
+        student_terms = combine_terms([discrepancy, subspace_map], model.map_scales, [1.0, 2.0])
     torch.testing.assert_close(amap, by_map[0])  # the map is the same (the blur is linear)
     torch.testing.assert_close(score, scoring(student_terms)[1] + 3.0 * scoring(memory_map)[1] / 2.0)
     assert not torch.allclose(score, by_map[1])  # and the score is not the summed map's

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,15 @@ def dfm_run(synthetic_root, tmp_path_factory):
         out=str(tmp_path_factory.mktemp("runs")),
     )
     return dfm.train(config)
+
+
+def copy_run(run: Path, folder: Path, config: dict) -> Path:
+    """The run's files under `folder` with another config.json: a run as other code may have saved it."""
+    folder.mkdir()
+    for name in ("model.pt", "metrics.json", "split.json"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.mark.parametrize("run_fixture", ["stfpm_run", "dfm_run"])
@@ -103,11 +113,7 @@ def test_stfpm_subspace_term_is_the_dfm_recipe_fitted_on_the_teacher(stfpm_run, 
     assert stfpm.validation_pass(model, batches, torch.device("cpu"), calibrate_scales=True) == pytest.approx(loss)
     assert torch.allclose(model.map_scales, fitted_scales, rtol=1e-5)
 
-    broken = tmp_path / "no-record"
-    broken.mkdir()
-    for name in ("model.pt", "metrics.json", "split.json"):
-        (broken / name).write_bytes((stfpm_run / name).read_bytes())
-    (broken / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "subspace"}))
+    broken = copy_run(stfpm_run, tmp_path / "no-record", {k: v for k, v in saved.items() if k != "subspace"})
     with pytest.raises(RunDirError, match="no \"subspace\" record"):
         load_model(broken)
 
@@ -147,16 +153,12 @@ def test_stfpm_memory_term_is_a_coreset_of_the_full_inputs_training_patches(synt
     assert stfpm.MIN_MEMORY <= model.memory.size < len(train_patches)
     assert student_taps[0].shape[-1] == 64 // 2 // 4  # the student's stride-4 tap of the pooled 32 px input
 
-    broken = tmp_path / "no-memory-record"
-    broken.mkdir()
-    for name in ("model.pt", "metrics.json", "split.json"):
-        (broken / name).write_bytes((run / name).read_bytes())
-    (broken / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "memory"}))
+    broken = copy_run(run, tmp_path / "no-memory-record", {k: v for k, v in saved.items() if k != "memory"})
     with pytest.raises(RunDirError, match="no \"memory\" record"):
         load_model(broken)
     assert saved["memory_fusion"] == model.memory_fusion == "map"
-    (broken / "config.json").write_text(json.dumps(saved | {"memory_fusion": "score"}))
-    assert load_model(broken)[0].memory_fusion == "score"  # the run's fusion is rebuilt with it
+    by_score = copy_run(run, tmp_path / "memory-by-score", saved | {"memory_fusion": "score"})
+    assert load_model(by_score)[0].memory_fusion == "score"  # the run's fusion is rebuilt with it
 
 
 @pytest.mark.parametrize("option,value,message", [
