@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-POOL = 100_000  # patches the coreset is drawn from: greedy selection over every patch is hours on 2 cores
+POOL = 100_000  # patches the coreset is drawn from (selecting from all 696k of screw at 512 px changed nothing, round 13)
 PROJECTION = 32  # random projection the selection's distances are computed in (Johnson-Lindenstrauss)
 
 
@@ -20,9 +20,15 @@ def greedy_coreset(patches: torch.Tensor, size: int, seed: int, pool: int = POOL
     generator = torch.Generator().manual_seed(seed)
     chosen = patches[torch.randperm(len(patches), generator=generator)[:available]].float()
     projected = chosen @ (torch.randn(chosen.shape[1], PROJECTION, generator=generator) / PROJECTION**0.5)
+    norms = projected.pow(2).sum(1)
+
+    def distance_to(index: int) -> torch.Tensor:
+        # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2: one matrix-vector product, ~6x faster than the difference on CPU
+        return torch.addmv(norms + norms[index], projected, projected[index], alpha=-2)
+
     picked = [int(torch.randint(len(chosen), (1,), generator=generator))]
-    distance = (projected - projected[picked[0]]).pow(2).sum(1)
+    distance = distance_to(picked[0])
     for _ in tqdm(range(size - 1), desc="memory coreset", unit="patch", leave=False, mininterval=2):
         picked.append(int(distance.argmax()))
-        distance = torch.minimum(distance, (projected - projected[picked[-1]]).pow(2).sum(1))
+        distance = torch.minimum(distance, distance_to(picked[-1]))
     return chosen[picked]
