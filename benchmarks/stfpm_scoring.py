@@ -1,7 +1,7 @@
 """Scoring levers of one trained STFPM run, chosen on synthetic validation defects, measured on test.
 
     python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3] [--defect-kinds warp]
-        [--memory-weights 0,1,2,4] [--memory-fusions map,score] [--run-scoring-only]
+        [--memory-weights 0,1,2,4] [--memory-fusions map,score] [--run-scoring-only] [--synthetic-copies 4]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
@@ -13,8 +13,9 @@ measured beside it and never rank anything. `--defect-strength` (fainter) and `-
 more like real ones. `--memory-weights` scores a memory-term run (`--memory-weight`) at other weights too (same student,
 memory and scales); `--memory-fusions` scores a memory-term run with the other way the memory joins the image
 score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
-the weight and fusion variants take minutes. Writes
-`benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-memory<weights>][-fusion<fusions>][-own].json`.
+the weight and fusion variants take minutes. `--synthetic-copies N` draws N defective copies of each validation
+image instead of one (each its own seed and kind), so the synthetic columns move in steps of 1/(30 N), not 1/30.
+Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>][-memory<weights>][-fusion<fusions>][-own].json`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def run_scoring(model) -> tuple[list, tuple[str], list[tuple[str, float]], tuple
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
              defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = (),
-             fusions: tuple[str, ...] = (), run_scoring_only: bool = False) -> dict:
+             fusions: tuple[str, ...] = (), run_scoring_only: bool = False, synthetic_copies: int = 1) -> dict:
     model, saved = load_model(run_dir)
     if memory_weights and model.memory is None:
         raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
@@ -121,7 +122,8 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
     model = model.to(device)
     sets = {
         "validation": tap_maps(model, loader(data.validation, data, config), device),
-        "synthetic": tap_maps(model, synthetic_validation(data, config, defect_strength, defect_kinds), device),
+        "synthetic": tap_maps(model, synthetic_validation(data, config, defect_strength, defect_kinds, synthetic_copies),
+                              device),
         "test": tap_maps(model, loader(data.test, data, config), device),
     }
     rows = []
@@ -153,7 +155,7 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         })
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
     return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
-            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds),
+            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "synthetic_copies": synthetic_copies,
             "subspace_weight": model.subspace_weight, "memory_weight": model.memory_weight, "rows": rows}
 
 
@@ -164,7 +166,8 @@ def _cell(value, spec: str) -> str:
 
 def table(result: dict) -> str:
     lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
-             f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g})",
+             f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g},"
+             f" {result.get('synthetic_copies', 1)} per validation image)",
              "| map taps | combine | score | sigma | memory weight | memory fusion | synthetic val AUROC | synthetic recall deployed | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
              "|---|---|---|---|---:|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of memory-term weights to score as variants too (default: the run's own)")
     parser.add_argument("--memory-fusions", default="",
                         help=f"comma list of {', '.join(FUSIONS)}: how the memory joins the image score (default: the run's own)")
+    parser.add_argument("--synthetic-copies", type=int, default=1,
+                        help="defective copies of each validation image (each its own seed and kind); 1: as training draws them")
     parser.add_argument("--run-scoring-only", action="store_true",
                         help="score only the run's own taps, combine, score and sigma (the weight and fusion variants)")
     args = parser.parse_args(argv)
@@ -200,14 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
+        if args.synthetic_copies < 1:
+            raise ValueError(f"--synthetic-copies must be >= 1, got {args.synthetic_copies}")
         fusions = tuple(dict.fromkeys(f.strip() for f in args.memory_fusions.split(",") if f.strip()))
         if set(fusions) - set(FUSIONS):
             raise ValueError(f"--memory-fusions must list some of {', '.join(FUSIONS)}, got {args.memory_fusions!r}")
         result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights, fusions,
-                          args.run_scoring_only)
+                          args.run_scoring_only, args.synthetic_copies)
         RESULTS.mkdir(exist_ok=True)
         suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
             ("" if kinds == KINDS else "-" + "+".join(kinds)) + \
+            ("" if args.synthetic_copies == 1 else f"-c{args.synthetic_copies}") + \
             ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights)) + \
             ("" if not fusions else "-fusion" + "+".join(fusions)) + ("-own" if args.run_scoring_only else "")
         (RESULTS / f"stfpm_scoring-{args.run.name}{suffix}.json").write_text(json.dumps(result, indent=1))

@@ -116,3 +116,34 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
     assert "--memory-fusions needs a run with a memory term" in capsys.readouterr().err
     assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fusions", "mean"]) == 2
     assert "--memory-fusions must list some of map, score" in capsys.readouterr().err
+
+
+def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_run, capsys):
+    """Copy 0 is the defect set training draws; each further copy has its own seed and the next kind, so the
+    synthetic recall moves in steps of 1 / (validation images x copies)."""
+    from training.pipeline import prepare_data, synthetic_validation
+    from training.run_dir import load_model
+
+    _, saved = load_model(tiny_stfpm_run)
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size")})
+    data = prepare_data(config)
+    one = synthetic_validation(data, config).dataset
+    three = synthetic_validation(data, config, copies=3).dataset
+    n = len(data.validation)
+    assert len(one) == 2 * n and len(three) == 4 * n
+    assert [three[i]["label"] for i in range(len(three))] == [0] * n + [1] * 3 * n
+    for i in range(2 * n):  # the first n normals and the first copy are what training's signal sees
+        assert torch.equal(three[i]["image"], one[i]["image"])
+    assert not torch.equal(three[2 * n]["image"], three[n]["image"])  # another seed, another kind
+    with pytest.raises(ValueError, match="synthetic copies must be >= 1"):
+        synthetic_validation(data, config, copies=0)
+
+    base = stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True)
+    more = stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True, synthetic_copies=3)
+    assert more["synthetic_copies"] == 3
+    assert more["rows"][0]["image_auroc"] == pytest.approx(base["rows"][0]["image_auroc"])
+    recall = more["rows"][0]["synthetic_recall_deployed"] * 3 * n
+    assert recall == pytest.approx(round(recall), abs=1e-6)
+    assert "3 per validation image" in stfpm_scoring.table(more)
+    assert stfpm_scoring.main([str(tiny_stfpm_run), "--synthetic-copies", "0"]) == 2
+    assert "--synthetic-copies must be >= 1, got 0" in capsys.readouterr().err

@@ -87,14 +87,24 @@ def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: b
 
 
 def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1.0,
-                         kinds: tuple[str, ...] = KINDS):
-    """Validation images and a copy of each with a synthetic defect (training.data.synthetic_defects).
+                         kinds: tuple[str, ...] = KINDS, copies: int = 1):
+    """Validation images and `copies` copies of each with a synthetic defect (training.data.synthetic_defects);
+    each further copy has its own seed and the next kind in turn, so 30 validation images give 30 x copies defects
+    (finer steps for a signal read at the deployed threshold).
 
     The anomalies that choices may see: made from held-out normal images, never from the test split.
     """
+    if copies < 1:
+        raise ValueError(f"synthetic copies must be >= 1, got {copies}")
     frames = [as_bgr_uint8(read_image(sample.path)) for sample in data.validation]  # grayscale parts too
-    defective, masks = synthetic_anomalies(frames, seed=config.seed, strength=strength, kinds=kinds)
-    names = [f"{s.path}" for s in data.validation] + [f"{s.path}#synthetic" for s in data.validation]
+    defective, masks, names = [], [], [f"{s.path}" for s in data.validation]
+    for copy in range(copies):
+        turn = copy % len(kinds)
+        drawn, drawn_masks = synthetic_anomalies(frames, seed=config.seed + copy, strength=strength,
+                                                 kinds=kinds[turn:] + kinds[:turn])
+        defective += drawn
+        masks += drawn_masks
+        names += [f"{s.path}#synthetic" + (f"{copy}" if copy else "") for s in data.validation]
     dataset = FrameDataset(frames + defective, [None] * len(frames) + masks,
                            [0] * len(frames) + [1] * len(defective), data.spec, names)
     return make_loader(dataset, data.spec, batch_size=config.batch_size, shuffle=False)
