@@ -2,6 +2,7 @@
 
     python -m benchmarks.stfpm_scoring RUN_DIR [--data-root ROOT] [--defect-strength 0.3] [--defect-kinds warp]
         [--memory-weights 0,1,2,4] [--memory-fusions map,score] [--run-scoring-only] [--synthetic-copies 4]
+        [--memory-fractions 0.003,0.01 --memory-seeds 0,1,2]
 
 Which taps make the map, product or sum, max or top-k mean, smoothing: none of them changes the
 trained weights, so the per-tap discrepancy maps are computed once per image and every variant is
@@ -15,7 +16,10 @@ memory and scales); `--memory-fusions` scores a memory-term run with the other w
 score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
 the weight and fusion variants take minutes. `--synthetic-copies N` draws N defective copies of each validation
 image instead of one (each its own seed and kind), so the synthetic columns move in steps of 1/(30 N), not 1/30.
-Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>][-memory<weights>][-fusion<fusions>][-own].json`.
+`--memory-fractions` / `--memory-seeds` refit a memory-term run's memory (`training.stfpm.fit_memory`: the coreset's
+size and seed; same student) for each combination and score every variant with each, to see how much of a memory
+run's result is its coreset draw. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>]
+[-memory<weights>][-fusion<fusions>][-fraction<fractions>][-seed<seeds>][-own].json`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import argparse
 import itertools
 import json
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,7 @@ from training.models.stfpm.anomaly_map import tap_distance
 from training.models.stfpm.torch_model import FUSIONS, fuse_terms, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
+from training.stfpm import fit_memory
 
 log = logging.getLogger("benchmarks.stfpm_scoring")
 RESULTS = Path(__file__).parent / "results"
@@ -107,12 +112,17 @@ def run_scoring(model) -> tuple[list, tuple[str], list[tuple[str, float]], tuple
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
              defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = (),
-             fusions: tuple[str, ...] = (), run_scoring_only: bool = False, synthetic_copies: int = 1) -> dict:
+             fusions: tuple[str, ...] = (), run_scoring_only: bool = False, synthetic_copies: int = 1,
+             memory_fractions: tuple[float, ...] = (), memory_seeds: tuple[int, ...] = ()) -> dict:
     model, saved = load_model(run_dir)
     if memory_weights and model.memory is None:
         raise ValueError("--memory-weights needs a run with a memory term (--memory-weight > 0)")
     if fusions and model.memory is None:
         raise ValueError("--memory-fusions needs a run with a memory term (--memory-weight > 0)")
+    if (memory_fractions or memory_seeds) and model.memory is None:
+        raise ValueError("--memory-fractions and --memory-seeds need a run with a memory term (--memory-weight > 0)")
+    if any(not 0.0 < fraction <= 1.0 for fraction in memory_fractions):
+        raise ValueError(f"--memory-fractions must be in (0, 1], got {','.join(f'{f:g}' for f in memory_fractions)}")
     if any(weight < 0 for weight in memory_weights):
         raise ValueError(f"--memory-weights must be >= 0, got {','.join(f'{w:g}' for w in memory_weights)}")
     known = {f.name for f in fields(StfpmConfig)}
@@ -120,12 +130,29 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
     device = resolve_device("cpu")
     data = prepare_data(config)
     model = model.to(device)
-    sets = {
-        "validation": tap_maps(model, loader(data.validation, data, config), device),
-        "synthetic": tap_maps(model, synthetic_validation(data, config, defect_strength, defect_kinds, synthetic_copies),
-                              device),
-        "test": tap_maps(model, loader(data.test, data, config), device),
-    }
+    batches = {"validation": loader(data.validation, data, config),
+               "synthetic": synthetic_validation(data, config, defect_strength, defect_kinds, synthetic_copies),
+               "test": loader(data.test, data, config)}
+    refits = list(itertools.product(memory_fractions or (config.memory_fraction,), memory_seeds or (config.seed,))) \
+        if memory_fractions or memory_seeds else [None]
+    rows = []
+    for refit in refits:
+        if refit is not None:
+            fit_memory(model, data, replace(config, memory_fraction=refit[0], seed=refit[1]), device)
+        rows += score_variants(model, {name: tap_maps(model, batch, device) for name, batch in batches.items()},
+                               config, data.has_masks, memory_weights, fusions, run_scoring_only, refit)
+    rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
+    return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
+            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "synthetic_copies": synthetic_copies,
+            "subspace_weight": model.subspace_weight, "memory_weight": model.memory_weight, "rows": rows}
+
+
+def score_variants(model, sets: dict, config: StfpmConfig, has_masks: bool, memory_weights: tuple[float, ...],
+                   fusions: tuple[str, ...], run_scoring_only: bool, refit: tuple[float, int] | None) -> list[dict]:
+    """One row per scoring variant of the cached maps (`tap_maps`), with the memory they were computed with."""
+    memory = {} if model.memory is None else {
+        "memory_fraction": config.memory_fraction if refit is None else refit[0],
+        "memory_seed": config.seed if refit is None else refit[1], "memory_size": model.memory.size}
     rows = []
     tap_sets, combines, scores, sigmas = run_scoring(model) if run_scoring_only else (TAP_SETS, COMBINES, SCORES, SIGMAS)
     for taps, how, (reduction, fraction), sigma, memory_weight, fusion in itertools.product(
@@ -139,24 +166,21 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         test_maps, test_scores = score(sets["test"], taps, how, scorer, *term, fusion)
         thresholds = estimate_thresholds(val_scores, val_maps, config.target_fpr, config.pixel_fpr,
                                          confidence=config.threshold_confidence)
-        with_masks = data.has_masks and bool(sets["test"]["masks"].any())
+        with_masks = has_masks and bool(sets["test"]["masks"].any())
         metrics = compute_metrics(sets["test"]["labels"], test_scores, thresholds.image,
                                   masks=sets["test"]["masks"] if with_masks else None,
                                   maps=test_maps if with_masks else None).to_dict()
         rows.append({
             "map_taps": ",".join(map(str, taps)), "map_combine": how, "score_reduction": reduction,
             "topk_fraction": fraction, "smooth_sigma": sigma, "memory_weight": term[1][-1] if model.memory else 0.0,
-            "memory_fusion": fusion,
+            "memory_fusion": fusion, **memory,
             "synthetic_validation_auroc": image_auroc(sets["synthetic"]["labels"], synthetic_scores),
             # the share of synthetic defects over the validation threshold: what a deployed F1 sees of them
             "synthetic_recall_deployed": rates_at(sets["synthetic"]["labels"], synthetic_scores, thresholds.image)[1],
             **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "image_f1_deployed", "fpr_deployed",
                                        "recall_deployed", "image_f1_optimal")},
         })
-    rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
-    return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
-            "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "synthetic_copies": synthetic_copies,
-            "subspace_weight": model.subspace_weight, "memory_weight": model.memory_weight, "rows": rows}
+    return rows
 
 
 def _cell(value, spec: str) -> str:
@@ -168,12 +192,13 @@ def table(result: dict) -> str:
     lines = [f"STFPM {result['backbone']} {result['category']} ({result['run']}), ranked by synthetic validation AUROC"
              f" (defects {','.join(result['defect_kinds'])}, strength {result['defect_strength']:g},"
              f" {result.get('synthetic_copies', 1)} per validation image)",
-             "| map taps | combine | score | sigma | memory weight | memory fusion | synthetic val AUROC | synthetic recall deployed | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
-             "|---|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+             "| map taps | combine | score | sigma | memory weight | memory fusion | memory (share, seed) | synthetic val AUROC | synthetic recall deployed | test image AUROC | pixel AUROC | F1 / FPR / recall deployed |",
+             "|---|---|---|---|---:|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         score_name = "max" if r["score_reduction"] == "max" else f"top {r['topk_fraction']:.1%}"
         pixel = "" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | {r.get('memory_fusion', 'map')} | "
+        memory = "" if r.get("memory_fraction") is None else f"{r['memory_fraction']:.1%}, {r['memory_seed']}"
+        lines.append(f"| {r['map_taps']} | {r['map_combine']} | {score_name} | {r['smooth_sigma']:g} | {r.get('memory_weight', 0):g} | {r.get('memory_fusion', 'map')} | {memory} | "
                      f"{r['synthetic_validation_auroc']:.3f} | {_cell(r.get('synthetic_recall_deployed'), '.2f')} | {r['image_auroc']:.3f} | {pixel} | "
                      f"{r['image_f1_deployed']:.2f} / {r['fpr_deployed']:.2f} / {r['recall_deployed']:.2f} |")
     return "\n".join(lines)
@@ -193,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(FUSIONS)}: how the memory joins the image score (default: the run's own)")
     parser.add_argument("--synthetic-copies", type=int, default=1,
                         help="defective copies of each validation image (each its own seed and kind); 1: as training draws them")
+    parser.add_argument("--memory-fractions", default="",
+                        help="comma list of memory shares to refit a memory-term run's memory with (default: the run's own memory)")
+    parser.add_argument("--memory-seeds", default="",
+                        help="comma list of coreset seeds to refit the memory with (default: the run's seed)")
     parser.add_argument("--run-scoring-only", action="store_true",
                         help="score only the run's own taps, combine, score and sigma (the weight and fusion variants)")
     args = parser.parse_args(argv)
@@ -202,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             memory_weights = tuple(float(w) for w in args.memory_weights.split(",") if w.strip())
         except ValueError:
             raise ValueError(f"--memory-weights must be a comma list of numbers, got {args.memory_weights!r}") from None
+        try:
+            memory_fractions = tuple(float(f) for f in args.memory_fractions.split(",") if f.strip())
+            memory_seeds = tuple(int(s) for s in args.memory_seeds.split(",") if s.strip())
+        except ValueError:
+            raise ValueError("--memory-fractions must be a comma list of numbers and --memory-seeds of integers, got "
+                             f"{args.memory_fractions!r} and {args.memory_seeds!r}") from None
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
@@ -211,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         if set(fusions) - set(FUSIONS):
             raise ValueError(f"--memory-fusions must list some of {', '.join(FUSIONS)}, got {args.memory_fusions!r}")
         result = evaluate(args.run, args.data_root, args.defect_strength, kinds, memory_weights, fusions,
-                          args.run_scoring_only, args.synthetic_copies)
+                          args.run_scoring_only, args.synthetic_copies, memory_fractions, memory_seeds)
         RESULTS.mkdir(exist_ok=True)
         suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
             ("" if kinds == KINDS else "-" + "+".join(kinds)) + \
             ("" if args.synthetic_copies == 1 else f"-c{args.synthetic_copies}") + \
             ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights)) + \
-            ("" if not fusions else "-fusion" + "+".join(fusions)) + ("-own" if args.run_scoring_only else "")
+            ("" if not fusions else "-fusion" + "+".join(fusions)) + \
+            ("" if not memory_fractions else "-fraction" + "+".join(f"{f:g}" for f in memory_fractions)) + \
+            ("" if not memory_seeds else "-seed" + "+".join(map(str, memory_seeds))) + ("-own" if args.run_scoring_only else "")
         (RESULTS / f"stfpm_scoring-{args.run.name}{suffix}.json").write_text(json.dumps(result, indent=1))
         print(table(result))
 

@@ -147,3 +147,29 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     assert "3 per validation image" in stfpm_scoring.table(more)
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--synthetic-copies", "0"]) == 2
     assert "--synthetic-copies must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memory_run, tiny_stfpm_run, capsys):
+    """Refitting with the run's own share and seed is the run's memory (same metrics); another share or seed is
+    another coreset of the same training patches, scored with the same student."""
+    metrics = json.loads((tiny_memory_run / "metrics.json").read_text())
+    saved = json.loads((tiny_memory_run / "config.json").read_text())
+    own_share = saved["memory_fraction"]
+    result = stfpm_scoring.evaluate(tiny_memory_run, None, run_scoring_only=True,
+                                    memory_fractions=(own_share, 0.5), memory_seeds=(saved["seed"], 7))
+    rows = {(r["memory_fraction"], r["memory_seed"]): r for r in result["rows"]}
+    assert set(rows) == {(own_share, saved["seed"]), (own_share, 7), (0.5, saved["seed"]), (0.5, 7)}
+    own = rows[(own_share, saved["seed"])]
+    assert own["memory_size"] == saved["memory"]["size"]
+    assert own["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert own["synthetic_validation_auroc"] == pytest.approx(metrics["synthetic_validation_auroc"], abs=1e-6)
+    assert rows[(0.5, 7)]["memory_size"] > own["memory_size"]
+    scores = {key: (r["synthetic_validation_auroc"], r["image_auroc"]) for key, r in rows.items()}
+    assert len(set(scores.values())) > 1  # the refits are other memories, not the run's own four times
+    assert "| memory (share, seed) |" in stfpm_scoring.table(result)
+    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-seeds", "1"]) == 2
+    assert "--memory-fractions and --memory-seeds need a run with a memory term" in capsys.readouterr().err
+    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fractions", "1.5"]) == 2
+    assert "--memory-fractions must be in (0, 1]" in capsys.readouterr().err
+    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-seeds", "a"]) == 2
+    assert "--memory-seeds of integers" in capsys.readouterr().err

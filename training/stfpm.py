@@ -47,7 +47,7 @@ def subspace_recipe(config: StfpmConfig) -> DfmConfig:
 
 
 MIN_MEMORY = 256  # patches: a small data set's memory still covers its normal variety
-MAX_MEMORY = 20_000  # patches: a 512 px frame is then 4096 x 20k distances (1.3 GB at batch 4), selection ~3 min
+MAX_MEMORY = 20_000  # patches: a 512 px frame is then 4096 x 20k distances (1.3 GB at batch 4), selection ~15 s
 
 
 @torch.no_grad()
