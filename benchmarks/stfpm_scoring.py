@@ -15,7 +15,7 @@ more like real ones. `--memory-weights` scores a memory-term run (`--memory-weig
 memory and scales); `--memory-fusions` scores a memory-term run with the other way the memory joins the image
 score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
 the weight and fusion variants take minutes. `--synthetic-copies N` draws N defective copies of each validation
-image instead of one (each its own seed and kind), so the synthetic columns move in steps of 1/(30 N), not 1/30.
+image instead of one (each its own seed and kind), so the synthetic recall moves in steps of 1/(validation images x N).
 `--memory-fractions` / `--memory-seeds` refit a memory-term run's memory (`training.stfpm.fit_memory`: the coreset's
 size and seed; same student) for each combination and score every variant with each, to see how much of a memory
 run's result is its coreset draw. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>]
@@ -228,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         try:
-            memory_weights = tuple(float(w) for w in args.memory_weights.split(",") if w.strip())
+            memory_weights = tuple(dict.fromkeys(float(w) for w in args.memory_weights.split(",") if w.strip()))
         except ValueError:
             raise ValueError(f"--memory-weights must be a comma list of numbers, got {args.memory_weights!r}") from None
         try:
-            memory_fractions = tuple(float(f) for f in args.memory_fractions.split(",") if f.strip())
-            memory_seeds = tuple(int(s) for s in args.memory_seeds.split(",") if s.strip())
+            memory_fractions = tuple(dict.fromkeys(float(f) for f in args.memory_fractions.split(",") if f.strip()))
+            memory_seeds = tuple(dict.fromkeys(int(s) for s in args.memory_seeds.split(",") if s.strip()))
         except ValueError:
             raise ValueError("--memory-fractions must be a comma list of numbers and --memory-seeds of integers, got "
                              f"{args.memory_fractions!r} and {args.memory_seeds!r}") from None

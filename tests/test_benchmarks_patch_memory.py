@@ -24,6 +24,38 @@ def test_coreset_picks_distinct_patches_that_cover_every_cluster():
     assert sorted(nearest_centre.tolist()) == [0, 1, 2, 3]  # random picks would repeat a cluster most times
 
 
+def test_coreset_picks_the_same_patches_as_the_plain_farthest_point_rule():
+    """The selection's distances are expanded into one matrix-vector product for speed. On float16 patches with
+    near-duplicates (the background of a real part) it picks what the plain difference picks until the remaining
+    candidates tie to rounding; after that it may pick another of the tied ones, and covers the patches as well."""
+    from training.models.patch_memory import greedy_coreset
+    from training.models.patch_memory.coreset import PROJECTION
+
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(20, 64, generator=generator)
+    patches = (centres[torch.randint(20, (4000,), generator=generator)]
+               + 0.05 * torch.randn(4000, 64, generator=generator)).half()
+
+    def plain(patches: torch.Tensor, size: int, seed: int, pool: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        chosen = patches[torch.randperm(len(patches), generator=generator)[:pool]].float()
+        projected = chosen @ (torch.randn(chosen.shape[1], PROJECTION, generator=generator) / PROJECTION**0.5)
+        picked = [int(torch.randint(len(chosen), (1,), generator=generator))]
+        distance = (projected - projected[picked[0]]).pow(2).sum(1)
+        for _ in range(size - 1):
+            picked.append(int(distance.argmax()))
+            distance = torch.minimum(distance, (projected - projected[picked[-1]]).pow(2).sum(1))
+        return chosen[picked]
+
+    fast, reference = greedy_coreset(patches, 300, seed=1, pool=3000), plain(patches, 300, seed=1, pool=3000)
+    assert torch.equal(fast[:100], reference[:100])  # every cluster and then its spread: far from any tie
+
+    def covering_radius(memory: torch.Tensor) -> float:
+        return float(torch.cdist(patches.float(), memory).amin(1).max())
+
+    assert covering_radius(fast) == pytest.approx(covering_radius(reference), rel=0.01)
+
+
 def test_probe_nearest_distance_map_is_the_distance_to_the_closest_memory_patch():
     generator = torch.Generator().manual_seed(1)
     patches = torch.randn(2, 5, 3, 4, generator=generator)

@@ -121,6 +121,10 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
 def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_run, capsys):
     """Copy 0 is the defect set training draws; each further copy has its own seed and the next kind, so the
     synthetic recall moves in steps of 1 / (validation images x copies)."""
+    from edge_ad.model.preprocess import as_bgr_uint8
+    from edge_ad.sources.images import read_image
+    from training.data.dataset import FrameDataset
+    from training.data.synthetic_defects import KINDS, synthetic_anomalies
     from training.pipeline import prepare_data, synthetic_validation
     from training.run_dir import load_model
 
@@ -134,7 +138,13 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     assert [three[i]["label"] for i in range(len(three))] == [0] * n + [1] * 3 * n
     for i in range(2 * n):  # the first n normals and the first copy are what training's signal sees
         assert torch.equal(three[i]["image"], one[i]["image"])
-    assert not torch.equal(three[2 * n]["image"], three[n]["image"])  # another seed, another kind
+    # copy 1: its own seed and the kinds turned by one (the first image gets the second kind)
+    frames = [as_bgr_uint8(read_image(sample.path)) for sample in data.validation]
+    expected, _ = synthetic_anomalies(frames, seed=config.seed + 1, kinds=KINDS[1:] + KINDS[:1])
+    same_seed_old_kinds, _ = synthetic_anomalies(frames, seed=config.seed + 1, kinds=KINDS)
+    copy_one = FrameDataset(expected, [None] * n, [1] * n, data.spec, ["x"] * n)
+    assert torch.equal(three[2 * n]["image"], copy_one[0]["image"])
+    assert not np.array_equal(expected[0], same_seed_old_kinds[0])  # the kind turn is what the check above sees
     with pytest.raises(ValueError, match="synthetic copies must be >= 1"):
         synthetic_validation(data, config, copies=0)
 
@@ -142,8 +152,15 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     more = stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True, synthetic_copies=3)
     assert more["synthetic_copies"] == 3
     assert more["rows"][0]["image_auroc"] == pytest.approx(base["rows"][0]["image_auroc"])
-    recall = more["rows"][0]["synthetic_recall_deployed"] * 3 * n
-    assert recall == pytest.approx(round(recall), abs=1e-6)
+    # the synthetic recall over all 3 n defects, from the model's own forward at the run's deployed threshold
+    model, _ = load_model(tiny_stfpm_run)
+    threshold = json.loads((tiny_stfpm_run / "metrics.json").read_text())["thresholds"]["image"]
+    with torch.no_grad():
+        scored = [(model(batch["image"])[1], batch["label"]) for batch in synthetic_validation(data, config, copies=3)]
+    scores, labels = torch.cat([s for s, _ in scored]), torch.cat([label for _, label in scored])
+    assert int((labels == 1).sum()) == 3 * n
+    recall = float((scores[labels == 1] >= threshold).float().mean())
+    assert more["rows"][0]["synthetic_recall_deployed"] == pytest.approx(recall, abs=1e-6)
     assert "3 per validation image" in stfpm_scoring.table(more)
     assert stfpm_scoring.main([str(tiny_stfpm_run), "--synthetic-copies", "0"]) == 2
     assert "--synthetic-copies must be >= 1, got 0" in capsys.readouterr().err
@@ -155,8 +172,9 @@ def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memor
     metrics = json.loads((tiny_memory_run / "metrics.json").read_text())
     saved = json.loads((tiny_memory_run / "config.json").read_text())
     own_share = saved["memory_fraction"]
+    # the run's own share and seed come last: a refit that left state behind would show in its reproduction
     result = stfpm_scoring.evaluate(tiny_memory_run, None, run_scoring_only=True,
-                                    memory_fractions=(own_share, 0.5), memory_seeds=(saved["seed"], 7))
+                                    memory_fractions=(0.5, own_share), memory_seeds=(7, saved["seed"]))
     rows = {(r["memory_fraction"], r["memory_seed"]): r for r in result["rows"]}
     assert set(rows) == {(own_share, saved["seed"]), (own_share, 7), (0.5, saved["seed"]), (0.5, 7)}
     own = rows[(own_share, saved["seed"])]
