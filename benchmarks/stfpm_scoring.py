@@ -46,7 +46,7 @@ from training.models.stfpm.anomaly_map import tap_distance
 from training.models.stfpm.torch_model import FUSIONS, fuse_terms, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
 from training.run_dir import load_model
-from training.stfpm import fit_memory
+from training.stfpm import fit_memory, memory_patches
 
 log = logging.getLogger("benchmarks.stfpm_scoring")
 RESULTS = Path(__file__).parent / "results"
@@ -135,10 +135,11 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
                "test": loader(data.test, data, config)}
     refits = list(itertools.product(memory_fractions or (config.memory_fraction,), memory_seeds or (config.seed,))) \
         if memory_fractions or memory_seeds else [None]
+    patches = memory_patches(model, data, config, device) if refits != [None] else None  # the same for every refit
     rows = []
     for refit in refits:
         if refit is not None:
-            fit_memory(model, data, replace(config, memory_fraction=refit[0], seed=refit[1]), device)
+            fit_memory(model, data, replace(config, memory_fraction=refit[0], seed=refit[1]), device, patches)
         rows += score_variants(model, {name: tap_maps(model, batch, device) for name, batch in batches.items()},
                                config, data.has_masks, memory_weights, fusions, run_scoring_only, refit)
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])

@@ -51,13 +51,21 @@ MAX_MEMORY = 20_000  # patches: a 512 px frame is then 4096 x 20k distances (1.3
 
 
 @torch.no_grad()
-def fit_memory(model: StfpmModel, data, config: StfpmConfig, device: torch.device) -> dict:
-    """The memory term: a k-centre coreset of the training images' patches (teacher features of the full
-    input). Returns config.json's "memory" record (its shape, for rebuilding the run)."""
+def memory_patches(model: StfpmModel, data, config: StfpmConfig, device: torch.device) -> torch.Tensor:
+    """(P, C) float16 rows: every training image's locally aware patches (teacher features of the full input)."""
     patches = []
     for batch in tqdm(loader(data.train, data, config), desc="memory patches", unit="batch", leave=False):
         patches.append(patch_rows(locally_aware_patches(model.teacher(batch["image"].to(device)))).half().cpu())
-    patches = torch.cat(patches)
+    return torch.cat(patches)
+
+
+def fit_memory(model: StfpmModel, data, config: StfpmConfig, device: torch.device,
+               patches: torch.Tensor | None = None) -> dict:
+    """The memory term: a k-centre coreset of the training images' patches (`memory_patches`, extracted here unless
+    given: a benchmark refitting several coresets extracts them once). Returns config.json's "memory" record (its
+    shape, for rebuilding the run)."""
+    if patches is None:
+        patches = memory_patches(model, data, config, device)
     size = min(len(patches), max(MIN_MEMORY, round(config.memory_fraction * len(patches))))
     if size > MAX_MEMORY:
         raise ValueError(f"--memory-fraction {config.memory_fraction:g} keeps {size} of {len(patches)} patches, more than "
