@@ -13,6 +13,12 @@ from benchmarks import stfpm_scoring
 from training.config import StfpmConfig
 
 
+def cli_error(capsys, *argv: str) -> str:
+    """The one line a bad command line prints, after checking it exits 2 (a user error, not a traceback)."""
+    assert stfpm_scoring.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
 def test_the_runs_own_variant_reproduces_its_metrics(tiny_stfpm_run):
     result = stfpm_scoring.evaluate(tiny_stfpm_run, None)
     metrics = json.loads((tiny_stfpm_run / "metrics.json").read_text())
@@ -38,8 +44,7 @@ def test_other_synthetic_defects_change_only_the_signal(tiny_stfpm_run, capsys):
     assert all(test_base[key(r)] == pytest.approx(r["image_auroc"]) for r in warped["rows"])  # test untouched
     assert [r["synthetic_validation_auroc"] for r in warped["rows"]] != [
         r["synthetic_validation_auroc"] for r in base["rows"]]
-    assert stfpm_scoring.main([str(tiny_stfpm_run), "--defect-kinds", "rust"]) == 2
-    assert "--defect-kinds must list some of" in capsys.readouterr().err
+    assert "--defect-kinds must list some of" in cli_error(capsys, str(tiny_stfpm_run), "--defect-kinds", "rust")
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +78,10 @@ def test_memory_weights_are_variants_and_the_runs_own_reproduces_its_metrics(tin
                                   stfpm_scoring.term_weights(model, weight))[1] for weight in (0.0, 4.0)]
     assert np.abs(scores[1] - scores[0]).min() > 0
     assert "| memory weight |" in stfpm_scoring.table(result)
-    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-weights", "1"]) == 2
-    assert "needs a run with a memory term" in capsys.readouterr().err
-    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "two"]) == 2
-    assert "--memory-weights must be a comma list" in capsys.readouterr().err
-    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-weights", "-1"]) == 2
-    assert "--memory-weights must be >= 0" in capsys.readouterr().err
+    assert "needs a run with a memory term" in cli_error(capsys, str(tiny_stfpm_run), "--memory-weights", "1")
+    assert "--memory-weights must be a comma list" in cli_error(
+        capsys, str(tiny_memory_run), "--memory-weights", "two")
+    assert "--memory-weights must be >= 0" in cli_error(capsys, str(tiny_memory_run), "--memory-weights", "-1")
 
 
 def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, tiny_stfpm_run, capsys):
@@ -112,10 +115,10 @@ def test_memory_fusions_are_variants_of_the_runs_own_scoring(tiny_memory_run, ti
     assert rows["map"]["synthetic_recall_deployed"] == pytest.approx(recall, abs=1e-6)
     text = stfpm_scoring.table(result)
     assert "| memory fusion |" in text and "| synthetic recall deployed |" in text
-    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-fusions", "score"]) == 2
-    assert "--memory-fusions needs a run with a memory term" in capsys.readouterr().err
-    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fusions", "mean"]) == 2
-    assert "--memory-fusions must list some of map, score" in capsys.readouterr().err
+    assert "--memory-fusions needs a run with a memory term" in cli_error(
+        capsys, str(tiny_stfpm_run), "--memory-fusions", "score")
+    assert "--memory-fusions must list some of map, score" in cli_error(
+        capsys, str(tiny_memory_run), "--memory-fusions", "mean")
 
 
 def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_run, capsys):
@@ -162,8 +165,8 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     recall = float((scores[labels == 1] >= threshold).float().mean())
     assert more["rows"][0]["synthetic_recall_deployed"] == pytest.approx(recall, abs=1e-6)
     assert "3 per validation image" in stfpm_scoring.table(more)
-    assert stfpm_scoring.main([str(tiny_stfpm_run), "--synthetic-copies", "0"]) == 2
-    assert "--synthetic-copies must be >= 1, got 0" in capsys.readouterr().err
+    assert "--synthetic-copies must be >= 1, got 0" in cli_error(
+        capsys, str(tiny_stfpm_run), "--synthetic-copies", "0")
 
 
 def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memory_run, tiny_stfpm_run, capsys):
@@ -185,9 +188,8 @@ def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memor
     scores = {key: (r["synthetic_validation_auroc"], r["image_auroc"]) for key, r in rows.items()}
     assert len(set(scores.values())) > 1  # the refits are other memories, not the run's own four times
     assert "| memory (share, seed) |" in stfpm_scoring.table(result)
-    assert stfpm_scoring.main([str(tiny_stfpm_run), "--memory-seeds", "1"]) == 2
-    assert "--memory-fractions and --memory-seeds need a run with a memory term" in capsys.readouterr().err
-    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-fractions", "1.5"]) == 2
-    assert "--memory-fractions must be in (0, 1]" in capsys.readouterr().err
-    assert stfpm_scoring.main([str(tiny_memory_run), "--memory-seeds", "a"]) == 2
-    assert "--memory-seeds of integers" in capsys.readouterr().err
+    assert "--memory-fractions and --memory-seeds need a run with a memory term" in cli_error(
+        capsys, str(tiny_stfpm_run), "--memory-seeds", "1")
+    assert "--memory-fractions must be in (0, 1]" in cli_error(
+        capsys, str(tiny_memory_run), "--memory-fractions", "1.5")
+    assert "--memory-seeds of integers" in cli_error(capsys, str(tiny_memory_run), "--memory-seeds", "a")
