@@ -15,7 +15,8 @@ more like real ones. `--memory-weights` scores a memory-term run (`--memory-weig
 memory and scales); `--memory-fusions` scores a memory-term run with the other way the memory joins the image
 score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
 the weight and fusion variants take minutes. `--synthetic-copies N` draws N defective copies of each validation
-image instead of one (each its own seed and kind), so the synthetic recall moves in steps of 1/(validation images x N).
+image (each its own seed and kind; default: as many as the run's own signal, 1 for runs before the setting), so the
+synthetic recall moves in steps of 1/(validation images x N).
 `--memory-fractions` / `--memory-seeds` refit a memory-term run's memory (`training.stfpm.fit_memory`: the coreset's
 size and seed; same student) for each combination and score every variant with each, to see how much of a memory
 run's result is its coreset draw. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>]
@@ -112,7 +113,7 @@ def run_scoring(model) -> tuple[list, tuple[str], list[tuple[str, float]], tuple
 
 def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
              defect_kinds: tuple[str, ...] = KINDS, memory_weights: tuple[float, ...] = (),
-             fusions: tuple[str, ...] = (), run_scoring_only: bool = False, synthetic_copies: int = 1,
+             fusions: tuple[str, ...] = (), run_scoring_only: bool = False, synthetic_copies: int | None = None,
              memory_fractions: tuple[float, ...] = (), memory_seeds: tuple[int, ...] = ()) -> dict:
     model, saved = load_model(run_dir)
     if memory_weights and model.memory is None:
@@ -127,6 +128,9 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
         raise ValueError(f"--memory-weights must be >= 0, got {','.join(f'{w:g}' for w in memory_weights)}")
     known = {f.name for f in fields(StfpmConfig)}
     config = StfpmConfig(**{k: v for k, v in saved.items() if k in known} | ({"data_root": data_root} if data_root else {}))
+    # By default the run's own signal; runs written before the setting existed drew one copy.
+    if synthetic_copies is None:
+        synthetic_copies = saved.get("synthetic_copies", 1)
     device = resolve_device("cpu")
     data = prepare_data(config)
     model = model.to(device)
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of memory-term weights to score as variants too (default: the run's own)")
     parser.add_argument("--memory-fusions", default="",
                         help=f"comma list of {', '.join(FUSIONS)}: how the memory joins the image score (default: the run's own)")
-    parser.add_argument("--synthetic-copies", type=int, default=1,
-                        help="defective copies of each validation image (each its own seed and kind); 1: as training draws them")
+    parser.add_argument("--synthetic-copies", type=int,
+                        help="defective copies of each validation image (each its own seed and kind); default: as the run drew them")
     parser.add_argument("--memory-fractions", default="",
                         help="comma list of memory shares to refit a memory-term run's memory with (default: the run's own memory)")
     parser.add_argument("--memory-seeds", default="",
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.defect_kinds.split(",") if k.strip())
         if not kinds or set(kinds) - set(ALL_KINDS):
             raise ValueError(f"--defect-kinds must list some of {', '.join(ALL_KINDS)}, got {args.defect_kinds!r}")
-        if args.synthetic_copies < 1:
+        if args.synthetic_copies is not None and args.synthetic_copies < 1:
             raise ValueError(f"--synthetic-copies must be >= 1, got {args.synthetic_copies}")
         fusions = tuple(dict.fromkeys(f.strip() for f in args.memory_fusions.split(",") if f.strip()))
         if set(fusions) - set(FUSIONS):
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(exist_ok=True)
         suffix = ("" if args.defect_strength == 1.0 else f"-s{args.defect_strength:g}") + \
             ("" if kinds == KINDS else "-" + "+".join(kinds)) + \
-            ("" if args.synthetic_copies == 1 else f"-c{args.synthetic_copies}") + \
+            ("" if args.synthetic_copies is None else f"-c{args.synthetic_copies}") + \
             ("" if not memory_weights else "-memory" + "+".join(f"{w:g}" for w in memory_weights)) + \
             ("" if not fusions else "-fusion" + "+".join(fusions)) + \
             ("" if not memory_fractions else "-fraction" + "+".join(f"{f:g}" for f in memory_fractions)) + \

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import stfpm_scoring
+from run_helpers import copy_run
 from training.config import StfpmConfig
 
 
@@ -134,10 +135,11 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     _, saved = load_model(tiny_stfpm_run)
     config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size")})
     data = prepare_data(config)
-    one = synthetic_validation(data, config).dataset
+    one = synthetic_validation(data, config, copies=1).dataset
     three = synthetic_validation(data, config, copies=3).dataset
     n = len(data.validation)
     assert len(one) == 2 * n and len(three) == 4 * n
+    assert config.synthetic_copies == 4 and len(synthetic_validation(data, config).dataset) == 5 * n  # training's
     assert [three[i]["label"] for i in range(len(three))] == [0] * n + [1] * 3 * n
     for i in range(2 * n):  # the first n normals and the first copy are what training's signal sees
         assert torch.equal(three[i]["image"], one[i]["image"])
@@ -153,7 +155,7 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
 
     base = stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True)
     more = stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True, synthetic_copies=3)
-    assert more["synthetic_copies"] == 3
+    assert base["synthetic_copies"] == saved["synthetic_copies"] == 4 and more["synthetic_copies"] == 3
     assert more["rows"][0]["image_auroc"] == pytest.approx(base["rows"][0]["image_auroc"])
     # the synthetic recall over all 3 n defects, from the model's own forward at the run's deployed threshold
     model, _ = load_model(tiny_stfpm_run)
@@ -167,6 +169,17 @@ def test_synthetic_copies_draw_more_defects_and_leave_test_untouched(tiny_stfpm_
     assert "3 per validation image" in stfpm_scoring.table(more)
     assert "--synthetic-copies must be >= 1, got 0" in cli_error(
         capsys, str(tiny_stfpm_run), "--synthetic-copies", "0")
+
+
+def test_a_run_written_before_synthetic_copies_is_scored_with_its_one_copy(tiny_stfpm_run, tmp_path):
+    """Its recorded signal came from one defective copy per validation image; the benchmark's own row must say so
+    and reproduce that figure, not silently draw today's default."""
+    saved = json.loads((tiny_stfpm_run / "config.json").read_text())
+    old = copy_run(tiny_stfpm_run, tmp_path / "old-run", {k: v for k, v in saved.items() if k != "synthetic_copies"})
+    result = stfpm_scoring.evaluate(old, None, run_scoring_only=True)
+    assert result["synthetic_copies"] == 1
+    assert result["rows"][0]["image_auroc"] == pytest.approx(
+        stfpm_scoring.evaluate(tiny_stfpm_run, None, run_scoring_only=True)["rows"][0]["image_auroc"], abs=1e-6)
 
 
 def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memory_run, tiny_stfpm_run, capsys):

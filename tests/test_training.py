@@ -11,6 +11,7 @@ import torch
 
 from training import dfm, stfpm
 from training.config import DfmConfig, StfpmConfig
+from run_helpers import copy_run
 from training.run_dir import RunDirError, load_model
 
 
@@ -30,15 +31,6 @@ def dfm_run(synthetic_root, tmp_path_factory):
         out=str(tmp_path_factory.mktemp("runs")),
     )
     return dfm.train(config)
-
-
-def copy_run(run: Path, folder: Path, config: dict) -> Path:
-    """The run's files under `folder` with another config.json: a run as other code may have saved it."""
-    folder.mkdir()
-    for name in ("model.pt", "metrics.json", "split.json"):
-        (folder / name).write_bytes((run / name).read_bytes())
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.mark.parametrize("run_fixture", ["stfpm_run", "dfm_run"])
@@ -167,8 +159,9 @@ def test_stfpm_memory_term_is_a_coreset_of_the_full_inputs_training_patches(synt
     ("--student-pool", "3", "--student-pool must be >= 1 and divide --image-size"),
     ("--memory-fusion", "mean", "--memory-fusion must be one of map, score"),
     ("--memory-fusion", "score", "--memory-fusion score needs --memory-weight > 0"),
+    ("--synthetic-copies", "0", "--synthetic-copies must be >= 1"),
 ])
-def test_cli_bad_memory_options_are_one_line_errors(synthetic_root, tmp_path, option, value, message):
+def test_cli_bad_options_are_one_line_errors(synthetic_root, tmp_path, option, value, message):
     result = run_cli("-m", "training.stfpm", "--category", "synthetic", "--data-root", str(synthetic_root),
                      "--out", str(tmp_path), "--image-size", "64", option, value)
     assert result.returncode != 0

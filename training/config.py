@@ -25,6 +25,7 @@ class TrainConfig:
     target_fpr: float = 0.01  # on held-out normal images, sets the image threshold
     pixel_fpr: float = 0.001
     threshold_confidence: float = 0.9  # the fitted-tail bound holds target_fpr with this probability
+    synthetic_copies: int = 4  # defective copies of each validation image in the synthetic signal
     augment: str = "none"  # training images only: comma list of rotate, hflip, vflip (or none)
     smooth_sigma: float = 0.0  # Gaussian blur of the anomaly map (model pixels) before scoring
     score_reduction: str = "max"  # image score from the map: max, or topk (mean of the top pixels)
@@ -103,6 +104,7 @@ HELP = {
     "variance_ratio": "share of feature variance the PCA keeps",
     "taps": "feature taps, comma list of 0, 1, 2 (stride 4, 8, 16), e.g. 1,2",
     "threshold_confidence": "probability that the image threshold holds target_fpr on unseen normal images",
+    "synthetic_copies": "defective copies of each validation image (each its own seed and defect kind) in the synthetic selection signal; more copies, a steadier signal (1: the signal of runs before 2026-12-07)",
     "augment": "augment training images (not validation): comma list of rotate, hflip, vflip, or none",
     "smooth_sigma": "Gaussian blur of the anomaly map in model pixels before the image score (0: off)",
     "score_reduction": "image score from the anomaly map: max or topk (mean of the top topk_fraction pixels)",

@@ -64,6 +64,8 @@ def seed_everything(seed: int) -> None:
 def prepare_data(config: TrainConfig) -> RunData:
     if config.fit not in FITS:
         raise ValueError(f"--fit must be one of {', '.join(FITS)}, got {config.fit!r}")
+    if config.synthetic_copies < 1:
+        raise ValueError(f"--synthetic-copies must be >= 1, got {config.synthetic_copies}")
     category = load_category(config.data_root, config.category)
     train, validation = split_validation(category.train, fraction=config.validation_fraction, seed=config.seed)
     log.info(
@@ -87,13 +89,15 @@ def loader(samples: list[Sample], data: RunData, config: TrainConfig, shuffle: b
 
 
 def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1.0,
-                         kinds: tuple[str, ...] = KINDS, copies: int = 1):
-    """Validation images and `copies` copies of each with a synthetic defect (training.data.synthetic_defects);
-    each further copy has its own seed and the next kind in turn, so 30 validation images give 30 x copies defects
-    (finer steps for a signal read at the deployed threshold).
+                         kinds: tuple[str, ...] = KINDS, copies: int | None = None):
+    """Validation images and `copies` (default: config.synthetic_copies) copies of each with a synthetic defect
+    (training.data.synthetic_defects); each further copy has its own seed and the next kind in turn. Why several:
+    30 validation images give 30 defects per copy, and on screw one draw of 30 moved the signal by more than the
+    0.01 a lever must gain (round 13, docs/TRAINING.md); four copies also followed the test split better there.
 
     The anomalies that choices may see: made from held-out normal images, never from the test split.
     """
+    copies = config.synthetic_copies if copies is None else copies
     if copies < 1:
         raise ValueError(f"synthetic copies must be >= 1, got {copies}")
     frames = [as_bgr_uint8(read_image(sample.path)) for sample in data.validation]  # grayscale parts too
