@@ -19,7 +19,8 @@ image (each its own seed and kind; default: as many as the run's own signal, 1 f
 synthetic recall moves in steps of 1/(validation images x N).
 `--memory-fractions` / `--memory-seeds` refit a memory-term run's memory (`training.stfpm.fit_memory`: the coreset's
 size and seed; same student) for each combination and score every variant with each, to see how much of a memory
-run's result is its coreset draw. Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>]
+run's result is its coreset draw (the student's and subspace's maps and each image's memory patches are taken once;
+a refit recomputes only the distances). Writes `benchmarks/results/stfpm_scoring-<run>[-s<strength>][-<kinds>][-c<copies>]
 [-memory<weights>][-fusion<fusions>][-fraction<fractions>][-seed<seeds>][-own].json`.
 """
 
@@ -43,6 +44,7 @@ from training.config import StfpmConfig
 from training.data.synthetic_defects import ALL_KINDS, KINDS
 from training.metrics import compute_metrics, image_auroc, rates_at
 from training.models.image_score import ImageScore
+from training.models.patch_memory.torch_model import locally_aware_patches
 from training.models.stfpm.anomaly_map import tap_distance
 from training.models.stfpm.torch_model import FUSIONS, fuse_terms, term_scales
 from training.pipeline import loader, prepare_data, resolve_device, synthetic_validation
@@ -58,10 +60,11 @@ SIGMAS = (0.0, 4.0)
 
 
 @torch.no_grad()
-def tap_maps(model, batches, device) -> dict:
+def tap_maps(model, batches, device, keep_memory_patches: bool = False) -> dict:
     """(N, taps, H, W) per-tap discrepancy maps at input size, the unscaled maps of the run's other terms
-    (subspace, memory), labels and the masks of `batches`."""
-    maps, extra_terms, labels, masks = [], [], [], []
+    (subspace, memory), labels and the masks of `batches`; with keep_memory_patches also each batch's memory
+    patches (`memory_map` then scores them against a refitted memory without the student or the subspace)."""
+    maps, extra_terms, labels, masks, patches = [], [], [], [], []
     for batch in tqdm(batches, desc="tap maps", unit="batch", leave=False):
         images = batch["image"].to(device)
         teacher, student = model.features(images)
@@ -71,8 +74,18 @@ def tap_maps(model, batches, device) -> dict:
         extra_terms.append([term.cpu() for term in model.term_maps_from_features(teacher, student, images)[1:]])
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+        if keep_memory_patches:
+            patches.append(locally_aware_patches(model.teacher(images)).cpu())  # the full input, as the term sees it
     return {"maps": torch.cat(maps), "terms": [torch.cat(parts) for parts in zip(*extra_terms)],
-            "labels": np.concatenate(labels), "masks": np.concatenate(masks)}
+            "labels": np.concatenate(labels), "masks": np.concatenate(masks), "memory_patches": patches,
+            "size": tuple(maps[0].shape[-2:])}
+
+
+@torch.no_grad()
+def memory_map(model, maps: dict, device) -> torch.Tensor:
+    """The memory term's map of the images behind `maps` (their kept patches) against the model's memory now."""
+    return torch.cat([model.memory.error_map_of_patches(patches.to(device), maps["size"]).cpu()
+                      for patches in maps["memory_patches"]])
 
 
 def combine(per_tap: torch.Tensor, taps, how: str) -> torch.Tensor:
@@ -139,13 +152,17 @@ def evaluate(run_dir: Path, data_root: str | None, defect_strength: float = 1.0,
                "test": loader(data.test, data, config)}
     refits = list(itertools.product(memory_fractions or (config.memory_fraction,), memory_seeds or (config.seed,))) \
         if memory_fractions or memory_seeds else [None]
-    patches = memory_patches(model, data, config, device) if refits != [None] else None  # the same for every refit
+    refitting = refits != [None]
+    patches = memory_patches(model, data, config, device) if refitting else None  # the same for every refit
+    # The student's and subspace's maps do not depend on the memory: taken once, with each image's memory patches.
+    sets = {name: tap_maps(model, batch, device, keep_memory_patches=refitting) for name, batch in batches.items()}
     rows = []
     for refit in refits:
         if refit is not None:
             fit_memory(model, data, replace(config, memory_fraction=refit[0], seed=refit[1]), device, patches)
-        rows += score_variants(model, {name: tap_maps(model, batch, device) for name, batch in batches.items()},
-                               config, data.has_masks, memory_weights, fusions, run_scoring_only, refit)
+            for maps in sets.values():
+                maps["terms"][-1] = memory_map(model, maps, device)  # the memory is the last term
+        rows += score_variants(model, sets, config, data.has_masks, memory_weights, fusions, run_scoring_only, refit)
     rows.sort(key=lambda row: -row["synthetic_validation_auroc"])
     return {"run": str(run_dir), "category": config.category, "backbone": config.backbone,
             "defect_strength": defect_strength, "defect_kinds": list(defect_kinds), "synthetic_copies": synthetic_copies,

@@ -41,7 +41,12 @@ class PatchMemory(nn.Module):
 
     def error_map(self, taps: list[torch.Tensor], size) -> torch.Tensor:
         """Backbone taps -> (N, 1, H, W) nearest-patch distance map at the input size."""
-        return resize_bilinear(nearest_distance(locally_aware_patches(taps), self.memory), size)
+        return self.error_map_of_patches(locally_aware_patches(taps), size)
+
+    def error_map_of_patches(self, patches: torch.Tensor, size) -> torch.Tensor:
+        """`error_map` from `locally_aware_patches` already taken: a benchmark refitting several memories takes
+        each image's patches once."""
+        return resize_bilinear(nearest_distance(patches, self.memory), size)
 
 
 def nearest_distance(patches: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
