@@ -68,9 +68,10 @@ DFM_STEPS = [
 BASELINES = {
     "stfpm": {"epochs": 10, "select": "loss", "lr_schedule": "constant", "augment": "none", "smooth_sigma": 0.0,
               "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256,
-              "subspace_weight": 0.0},
+              "subspace_weight": 0.0, "synthetic_copies": 1},
     "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "posed_copies": 3, "smooth_sigma": 0.0,
-            "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256},
+            "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256,
+            "synthetic_copies": 1},
 }
 SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma", "map_taps", "map_combine"}
 # A lever must beat noise: with 30-50 validation images and as many synthetic defects, AUROC moves by
@@ -81,7 +82,7 @@ KEEP_MARGIN = 0.01
 # Options added after runs were keyed: at these values they train what runs from before them trained, so the key
 # leaves them out and those runs are still found.
 LATER_OPTIONS = {"subspace_weight": 0.0, "posed_copies": 3, "subspace_posed_copies": 3, "student_pool": 1,
-                 "memory_weight": 0.0, "memory_fraction": 0.003, "memory_fusion": "map"}
+                 "memory_weight": 0.0, "memory_fraction": 0.003, "memory_fusion": "map", "synthetic_copies": 1}
 
 
 def _key(config) -> str:

@@ -131,7 +131,9 @@ def evaluate(data_root: str, category: str, backbone: str = "mobilenet_v2", imag
                          f"{gain_copies} and {gain_range}")
     if folds == 1 or folds < 0:
         raise ValueError(f"--folds must be 0 (off) or at least 2, got {folds}")
-    config = DfmConfig(category=category, data_root=data_root, backbone=backbone, image_size=image_size)
+    # One defective copy per validation image: the signal its stored results (round 10) were measured with.
+    config = DfmConfig(category=category, data_root=data_root, backbone=backbone, image_size=image_size,
+                       synthetic_copies=1)
     seed_everything(config.seed)
     data = prepare_data(config)
     extractor = build_backbone(backbone).eval()

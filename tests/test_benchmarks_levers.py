@@ -13,6 +13,10 @@ def test_a_lever_key_leaves_out_later_options_at_their_old_behaviour():
     today = json.loads(levers._key(StfpmConfig(category="screw")))
     assert not {"memory_weight", "memory_fraction", "memory_fusion", "student_pool", "subspace_posed_copies"} & set(today)
     assert json.loads(levers._key(StfpmConfig(category="screw", memory_fusion="score")))["memory_fusion"] == "score"
+    # the sweep's signal stays the one-copy signal its runs were keyed with; today's default of four is in the key
+    assert "synthetic_copies" not in json.loads(levers._key(StfpmConfig(category="screw", synthetic_copies=1)))
+    assert today["synthetic_copies"] == 4
+    assert all(baseline["synthetic_copies"] == 1 for baseline in levers.BASELINES.values())
 
 
 def test_greedy_sweep_keeps_only_gains_above_the_margin_and_reuses_runs(synthetic_root, tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ HELP = {
     "variance_ratio": "share of feature variance the PCA keeps",
     "taps": "feature taps, comma list of 0, 1, 2 (stride 4, 8, 16), e.g. 1,2",
     "threshold_confidence": "probability that the image threshold holds target_fpr on unseen normal images",
-    "synthetic_copies": "defective copies of each validation image (each its own seed and defect kind) in the synthetic selection signal; more copies, a steadier signal (1: the signal of runs before 2026-12-07)",
+    "synthetic_copies": "defective copies of each validation image (each its own seed and defect kind) in the synthetic selection signal; more copies, a steadier signal (1: the signal of runs written before the setting)",
     "augment": "augment training images (not validation): comma list of rotate, hflip, vflip, or none",
     "smooth_sigma": "Gaussian blur of the anomaly map in model pixels before the image score (0: off)",
     "score_reduction": "image score from the anomaly map: max or topk (mean of the top topk_fraction pixels)",
