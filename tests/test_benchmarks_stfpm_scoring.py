@@ -183,6 +183,39 @@ def test_a_run_written_before_synthetic_copies_is_scored_with_its_one_copy(tiny_
     assert result["rows"][0]["synthetic_validation_auroc"] == one_copy["rows"][0]["synthetic_validation_auroc"] != own
 
 
+@pytest.fixture(scope="module")
+def tiny_unpooled_memory_run(synthetic_root, tmp_path_factory):
+    from training import stfpm
+
+    return stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                   batch_size=8, out=str(tmp_path_factory.mktemp("runs")), memory_weight=4.0))
+
+
+@pytest.mark.parametrize("run", ["tiny_memory_run", "tiny_unpooled_memory_run"])
+def test_a_refits_memory_map_from_kept_patches_is_the_models_own(run, request):
+    """Refits score the memory term from patches kept once; it must be the very map the model computes, whether
+    the memory's teacher pass is its own at the full input (student pool 2) or the student's (pool 1)."""
+    from training.pipeline import loader, prepare_data
+    from training.run_dir import load_model
+
+    model, saved = load_model(request.getfixturevalue(run))
+    model.eval()
+    assert model.student_pool == (2 if run == "tiny_memory_run" else 1)
+    config = StfpmConfig(**{k: saved[k] for k in ("category", "data_root", "image_size", "batch_size")})
+    data = prepare_data(config)
+    batches = loader(data.test, data, config)
+    maps = stfpm_scoring.tap_maps(model, batches, torch.device("cpu"), keep_memory_patches=True)
+    with torch.no_grad():
+        expected = torch.cat([model.term_maps(batch["image"])[-1] for batch in batches])
+    assert torch.equal(stfpm_scoring.memory_map(model, maps, torch.device("cpu")), expected)
+    assert torch.equal(maps["terms"][-1], expected)
+    model.memory.memory = model.memory.memory[: model.memory.size // 2]  # a refit: the same patches, another memory
+    with torch.no_grad():
+        refitted = torch.cat([model.term_maps(batch["image"])[-1] for batch in batches])
+    assert not torch.equal(refitted, expected)
+    assert torch.equal(stfpm_scoring.memory_map(model, maps, torch.device("cpu")), refitted)
+
+
 def test_memory_refits_reproduce_the_runs_own_memory_and_score_others(tiny_memory_run, tiny_stfpm_run, capsys):
     """Refitting with the run's own share and seed is the run's memory (same metrics); another share or seed is
     another coreset of the same training patches, scored with the same student."""
