@@ -114,11 +114,11 @@ def validation_samples(bundle, data_root: Path, category: str, run_dir: Path | N
     else:
         try:
             _, validation = split_validation(
-                loaded.train, fraction=bundle.training.validation_fraction, seed=bundle.training.seed
+                loaded.train, fraction=bundle.training.validation_fraction, seed=bundle.training.validation_seed
             )
         except DatasetError as exc:
             raise QuantizeError(f"cannot reproduce the training split: {exc}") from exc
-        source = f"split_validation(seed={bundle.training.seed}, fraction={bundle.training.validation_fraction})"
+        source = f"split_validation(seed={bundle.training.validation_seed}, fraction={bundle.training.validation_fraction})"
     test_files = {Path(s.path).resolve() for s in loaded.test}
     leaked = [s.path for s in validation if Path(s.path).resolve() in test_files or s.label != 0]
     if leaked:  # cannot happen with an MVTec layout; refuse loudly if a custom one tries
@@ -172,7 +172,7 @@ def quantize_bundle(config: QuantizeConfig):
     from training.pipeline import test_metrics
     from edge_ad.model.bundle import read_bundle, write_bundle
     from training.data import data_fingerprint
-    from edge_ad.decide.thresholds import estimate_thresholds
+    from edge_ad.decide.thresholds import describe_outliers, estimate_thresholds
 
     _check_config(config)
     started = time.perf_counter()
@@ -262,6 +262,9 @@ def quantize_bundle(config: QuantizeConfig):
         float(train_config.get("pixel_fpr", 0.001)), source="validation (INT8 IR)",
         confidence=float(train_config.get("threshold_confidence", 0.9)),
     )
+    outliers = describe_outliers(thresholds.fit, [str(sample.path) for sample in samples])
+    if outliers:
+        log.warning("validation (INT8 IR): %s", outliers)
 
     # Test split: FP32 and INT8 IR through the same measurement code.
     test = category.test

@@ -32,7 +32,7 @@ from edge_ad.ops.teach import FrameScorer, commit_thresholds, compare_with_valid
 from edge_ad.sources.capture import Frame
 from edge_ad.sources.images import ImageReadError, list_images, read_image
 from edge_ad.ops.tool_cli import run_tool
-from edge_ad.decide.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR
+from edge_ad.decide.thresholds import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, describe_outliers
 
 log = logging.getLogger("calibration")
 
@@ -98,7 +98,7 @@ def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
                 continue
             yield Frame(index=index, image=image, timestamp=0.0, name=path.name)
 
-    scores, pixels = score_frames(scorer, frames(), len(paths))
+    scores, pixels, names = score_frames(scorer, frames(), len(paths))
     for reason in skipped[:5]:
         log.warning("skipped: %s", reason)
     if skipped:
@@ -115,12 +115,16 @@ def recalibrate(config: RecalibrationConfig) -> tuple[Path, Bundle]:
     previous = asdict(bundle.thresholds)
     thresholds = fit_thresholds(bundle, scores, pixels, config.target_fpr, config.pixel_fpr,
                                 source=f"site:{images_dir}, {n} images")
+    outliers = describe_outliers(thresholds.fit, names)
+    if outliers:
+        log.warning("%s", outliers)
     record = {
         "images": str(images_dir),
         "n_images": n,
         "n_skipped": len(skipped),
         "target_fpr": config.target_fpr,
         "pixel_fpr": config.pixel_fpr,
+        "outliers": outliers,
         "previous": previous,
         "recalibrated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -26,7 +26,7 @@ from torch import nn
 import edge_ad
 from deploy.ir_eval import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, IrError, IrRunner, predict_ir
 from deploy.precision_check import check_bf16, not_verified, validation_images
-from edge_ad.model.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, write_bundle
+from edge_ad.model.bundle import BUNDLE_FILE, Bundle, ModelInfo, Thresholds, TrainingInfo, validation_seed, write_bundle
 from edge_ad.model.signing import add_sign_key_option, signing
 from edge_ad.model.preprocess import PreprocessSpec
 
@@ -303,7 +303,7 @@ def export_run(
             "%s IR: image AUROC %.4f (torch %.4f), pixel AUROC %s",
             precision, metrics["image_auroc"], run_metrics.get("image_auroc", float("nan")), "n/a" if pixel is None else f"{pixel:.4f}",
         )
-        val_images = validation_images(category.train, float(config["validation_fraction"]), int(config["seed"]), spec)
+        val_images = validation_images(category.train, float(config["validation_fraction"]), validation_seed(config), spec)
         _, val_scores = runner.infer(val_images)
         checks["bf16"] = check_bf16(xml, category.test, val_images, spec, image_threshold, category.has_masks,
                                     predictions, val_scores)

@@ -221,3 +221,16 @@ def test_cli_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = run_cli([str(tmp_path / "empty"), "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "not a training run folder" in err and err.strip().count("\n") == 0
+
+
+def test_training_info_names_the_seed_that_drew_the_validation_split():
+    """INT8 calibration without --run-dir redraws the split from this seed: --split-seed where the run set one."""
+    from edge_ad.model.bundle import TrainingInfo
+
+    def info(config):
+        return TrainingInfo(category="c", data_root="d", data_fingerprint="f", epochs=1, seed=3, image_size=64,
+                            validation_fraction=0.15, config=config)
+
+    assert info({}).validation_seed == 3
+    assert info({"seed": 3, "split_seed": None}).validation_seed == 3
+    assert info({"seed": 3, "split_seed": 7}).validation_seed == 7

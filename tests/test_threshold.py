@@ -122,3 +122,23 @@ def test_out_folder_not_empty_needs_force(tiny_fp32_bundle, site_images, tmp_pat
     assert "not empty" in one_line_error([str(tiny_fp32_bundle), "--images", str(site_images), "--out", str(out)], capsys)
     assert main([str(tiny_fp32_bundle), "--images", str(site_images), "--out", str(out), "--force"]) == 0
     assert json.loads((out / "bundle.json").read_text())["thresholds"]["source"].startswith("site:")
+
+
+def test_a_defective_part_among_the_site_images_is_named(tiny_fp32_bundle, tmp_path, caplog):
+    """A defect slipped into the 'normal' images sets the threshold alone: the log and the record name it."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for i in range(16):
+        frame = to_uint8(make_texture(np.random.default_rng([9, i]), 80))
+        if i == 11:
+            cv2.circle(frame, (40, 40), 12, (0, 0, 0), -1)
+        cv2.imwrite(str(folder / f"part_{i:02d}.png"), frame)
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_fp32_bundle, bundle_dir)
+    with caplog.at_level("WARNING", logger="calibration"):
+        assert main([str(bundle_dir), "--images", str(folder)]) == 0
+    record = read_bundle(bundle_dir).calibration["thresholds"]
+    assert record["outliers"] and "1 of 16 normal images scores beyond" in record["outliers"]
+    assert "(part_11.png)" in record["outliers"] and record["outliers"] in caplog.text
+    fit = read_bundle(bundle_dir).thresholds.fit
+    assert fit["outliers"] == [11] and fit["threshold_without_outliers"] < read_bundle(bundle_dir).thresholds.image

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from edge_ad.decide.thresholds import (
+    MAX_OUTLIERS,
     MIN_NORMAL_SCORES,
+    OUTLIER_ALPHA,
     ThresholdEstimateError,
+    describe_outliers,
     estimate_thresholds,
     image_threshold,
+    outlying_scores,
     tolerance_factor,
 )
 
@@ -85,3 +89,43 @@ def test_scores_of_both_signs_use_the_standardized_fit():
     rng = np.random.default_rng(6)
     threshold, fit = image_threshold(rng.normal(0.0, 1.0, 200), 0.01, 0.9)
     assert fit.method.startswith("yeo-johnson") and 2.0 < threshold < 3.5
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_the_outlier_check_seldom_names_scores_from_one_tail(name):
+    """Normal scores from one distribution: images named in about OUTLIER_ALPHA of the samples or fewer."""
+    sample, _ = DISTRIBUTIONS[name]
+    rng = np.random.default_rng(2)
+    named = [bool(outlying_scores(sample(rng, 30))) for _ in range(300)]
+    assert np.mean(named) <= 2 * OUTLIER_ALPHA, np.mean(named)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_planted_outliers_are_named_highest_first_and_leave_the_threshold_alone(name):
+    sample, _ = DISTRIBUTIONS[name]
+    rng = np.random.default_rng(4)
+    scores = sample(rng, 30)
+    assert outlying_scores(scores) == []  # the sample itself shows none (about 1 in 20 from one tail would)
+    spread = np.quantile(scores, 0.95) - np.median(scores)
+    scores[[7, 19]] = np.max(scores) + spread * np.array([6.0, 9.0])  # two together: the second must not mask the first
+    threshold, fit = image_threshold(scores)
+    assert fit.outliers == (19, 7)
+    others = np.delete(scores, [7, 19])
+    assert fit.threshold_without_outliers == pytest.approx(image_threshold(others)[0])
+    assert threshold > fit.threshold_without_outliers  # the deployed threshold still follows every score
+    assert estimate_thresholds(scores, np.ones(10)).fit["outliers"] == [19, 7]
+    line = describe_outliers(fit.to_dict(), [f"img{i}.png" for i in range(30)])
+    assert "2 of 30" in line and line.index("img19.png") < line.index("img7.png") and "follows them" in line
+
+
+def test_the_outlier_check_keeps_enough_scores_to_fit_and_stops_at_its_cap():
+    rng = np.random.default_rng(4)
+    for n in (MIN_NORMAL_SCORES, MIN_NORMAL_SCORES + 1):
+        scores = rng.normal(1.0, 0.1, n) + 3.0
+        scores[0] = 100.0
+        assert len(outlying_scores(scores)) == n - MIN_NORMAL_SCORES
+    scores = rng.lognormal(0.0, 0.2, 40)
+    scores[:MAX_OUTLIERS + 2] = 50.0 + np.arange(MAX_OUTLIERS + 2)
+    assert len(outlying_scores(scores)) <= MAX_OUTLIERS
+    assert describe_outliers(image_threshold(rng.lognormal(0.0, 0.2, 40))[1].to_dict(), []) is None
+    assert describe_outliers(None, []) is None

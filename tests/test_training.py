@@ -215,3 +215,28 @@ def test_a_memory_larger_than_the_cap_is_refused_before_training(synthetic_root,
         stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
                                 batch_size=8, out=str(tmp_path), memory_weight=1.0, memory_fraction=1.0))
     assert not list(tmp_path.iterdir())  # no run folder left behind
+
+
+def test_split_seed_draws_the_split_and_its_defects_apart_from_the_model_seed(synthetic_root):
+    """--split-seed lets a student be retrained on another run's validation split (and synthetic defects)."""
+    from dataclasses import replace
+
+    from edge_ad.model.bundle import validation_seed
+    from training.pipeline import prepare_data, synthetic_validation
+
+    base = StfpmConfig(category="synthetic", data_root=str(synthetic_root), image_size=64)
+    other_student = replace(base, seed=5, split_seed=0)
+    other_split = replace(base, split_seed=5)
+    assert (base.validation_seed, other_student.validation_seed, other_split.validation_seed) == (0, 0, 5)
+    assert [validation_seed(c.to_dict()) for c in (base, other_student, other_split)] == [0, 0, 5]  # export's reading
+
+    def validation(config):
+        return [s.path for s in prepare_data(config).validation]
+
+    assert validation(other_student) == validation(base)
+    assert validation(other_split) == validation(replace(base, seed=5)) != validation(base)
+    same = [synthetic_validation(prepare_data(c), c, copies=1).dataset for c in (base, other_student)]
+    assert len(same[0]) == len(same[1]) and all(torch.equal(same[0][i]["image"], same[1][i]["image"])
+                                                for i in range(len(same[0])))
+    moved = synthetic_validation(prepare_data(replace(base, seed=5)), replace(base, seed=5), copies=1).dataset
+    assert not all(torch.equal(moved[i]["image"], same[0][i]["image"]) for i in range(len(moved)))

@@ -136,3 +136,29 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path):
     result = python("-m", "training.report", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: not a finished training run") and "\n" not in result.stderr.strip()
+
+
+def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report(tmp_path):
+    """One 'normal' validation image with a defect sets the threshold alone: training names it, the report circles it."""
+    from training.data.split import split_validation
+    from training.data import load_category
+    from training.data.synthetic import generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(tmp_path / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=8, seed=3)
+    _, validation = split_validation(load_category(root, "synthetic").train, fraction=0.15, seed=0)
+    planted = Path(validation[2].path)
+    image = cv2.imread(str(planted))
+    cv2.circle(image, (32, 32), 10, (0, 0, 0), -1)
+    cv2.imwrite(str(planted), image)
+    result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
+                    "--batch-size", "8", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
+    assert f"({planted})" in warning and "validation: 1 of 9 normal images scores" in warning
+    run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
+                   .removeprefix("report: ")).parent
+    fit = json.loads((run_dir / "metrics.json").read_text())["thresholds"]["fit"]
+    assert fit["outliers"] == [2] and fit["threshold_without_outliers"] < fit["empirical_quantile"]
+    page = (run_dir / "report.html").read_text()
+    assert Figures(page).figures["validation"]["outliers"] == [2]
+    assert f"normal images scores beyond the tail of the others ({planted.name})" in page

@@ -21,6 +21,9 @@ class TrainConfig:
     fit: str = "stretch"  # non-square frames: stretch, letterbox or crop (edge_ad.model.preprocess)
     device: str = "auto"  # auto: CUDA when present, else CPU
     seed: int = 0
+    # None: --seed. Draws the validation split and its synthetic defects apart from the model's own randomness,
+    # so that a split's share of a result can be told from the student's (docs/TRAINING.md, round 15).
+    split_seed: int | None = None
     validation_fraction: float = 0.15
     target_fpr: float = 0.01  # on held-out normal images, sets the image threshold
     pixel_fpr: float = 0.001
@@ -35,6 +38,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def validation_seed(self) -> int:
+        """The seed of the validation split and of the synthetic defects drawn on it."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 @dataclass
@@ -96,6 +104,7 @@ HELP = {
     "fit": "how non-square images fill the square input: stretch (default), letterbox (pad) or crop (centre)",
     "map_taps": "STFPM: taps whose discrepancy maps make the anomaly map, comma list of 0, 1, 2 (stride 4, 8, 16)",
     "map_combine": "STFPM: combine the per-tap maps by product (the paper's) or sum",
+    "split_seed": "seed of the validation split and its synthetic defects (default: --seed); the model's own randomness keeps --seed",
     "validation_fraction": "share of train/good held out for model selection, thresholds and INT8 calibration",
     "target_fpr": "false-positive rate on held-out normal images that sets the image threshold",
     "pixel_fpr": "false-positive rate on held-out normal pixels that sets the pixel threshold",

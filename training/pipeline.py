@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_ad.decide.thresholds import estimate_thresholds
+from edge_ad.decide.thresholds import describe_outliers, estimate_thresholds
 from edge_ad.model.preprocess import FITS, PreprocessSpec, as_bgr_uint8
 from edge_ad.sources.images import read_image
 from training import run_dir as runs
@@ -67,7 +67,7 @@ def prepare_data(config: TrainConfig) -> RunData:
     if config.synthetic_copies < 1:
         raise ValueError(f"--synthetic-copies must be >= 1, got {config.synthetic_copies}")
     category = load_category(config.data_root, config.category)
-    train, validation = split_validation(category.train, fraction=config.validation_fraction, seed=config.seed)
+    train, validation = split_validation(category.train, fraction=config.validation_fraction, seed=config.validation_seed)
     log.info(
         "%s/%s: %d train, %d validation (held-out normal), %d test images (%d anomalous)%s",
         config.data_root, config.category, len(train), len(validation), len(category.test),
@@ -104,7 +104,7 @@ def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1
     defective, masks, names = [], [], [f"{s.path}" for s in data.validation]
     for copy in range(copies):
         turn = copy % len(kinds)
-        drawn, drawn_masks = synthetic_anomalies(frames, seed=config.seed + copy, strength=strength,
+        drawn, drawn_masks = synthetic_anomalies(frames, seed=config.validation_seed + copy, strength=strength,
                                                  kinds=kinds[turn:] + kinds[:turn])
         defective += drawn
         masks += drawn_masks
@@ -133,6 +133,9 @@ def evaluate_and_save(
     validation = predict(model, loader(data.validation, data, config), device, desc="validation")
     thresholds = estimate_thresholds(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr,
                                      confidence=config.threshold_confidence)
+    outliers = describe_outliers(thresholds.fit, validation.paths)
+    if outliers:
+        log.warning("validation: %s", outliers)
     test = predict(model, loader(data.test, data, config), device, desc="test")
     metrics = test_metrics(test, thresholds.image, data.has_masks)
     # Measured on the saved model (for STFPM with --select synthetic it must equal the kept epoch's value).

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ad.decide.thresholds import describe_outliers
+
 REPORT_FILE = "report.html"
 DATA_FILE = "report_data.npz"
 EXAMPLES_FILE = "examples.json"
@@ -171,12 +173,17 @@ def _roc_figure(scores: np.ndarray, labels: np.ndarray, threshold: float, out: P
             "tpr": [round(float(v), 6) for v in tpr], "point-fpr": point_fpr, "point-tpr": point_tpr}
 
 
-def _validation_figure(scores: np.ndarray, threshold: float, target_fpr: float | None, out: Path) -> dict:
+def _validation_figure(scores: np.ndarray, threshold: float, target_fpr: float | None, out: Path,
+                       outliers: list[int] = ()) -> dict:
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6.4, 3.0), dpi=DPI)
     ordered = np.sort(scores)
     ax.plot(np.arange(ordered.size), ordered, "o", markersize=3, color="tab:blue",
             label=f"validation images (normal, {ordered.size}), sorted")
+    if len(outliers):
+        rank = np.searchsorted(ordered, scores[list(outliers)])
+        ax.plot(rank, scores[list(outliers)], "o", markersize=8, fillstyle="none", color=THRESHOLD_COLOR,
+                label="beyond the others' tail (named below)")
     ax.axhline(threshold, color=THRESHOLD_COLOR, linewidth=1.0, antialiased=False,
                label=f"deployed threshold {threshold:.4g}" + (f" (target FPR {target_fpr:.1%})" if target_fpr else ""))
     ax.set_xlabel("validation image (sorted by score)")
@@ -186,7 +193,7 @@ def _validation_figure(scores: np.ndarray, threshold: float, target_fpr: float |
     figure.savefig(out, dpi=DPI)
     plt.close(figure)
     return {"threshold": float(threshold), "scores": [float(v) for v in scores],
-            "above-threshold": int(np.sum(scores >= threshold))}
+            "above-threshold": int(np.sum(scores >= threshold)), "outliers": [int(v) for v in outliers]}
 
 
 def _bundle_metrics(bundle: Path) -> tuple[str, dict]:
@@ -222,6 +229,14 @@ def _precision_table(metrics: dict, bundles: list[Path]) -> tuple[str, dict]:
     return f"<table><tr><th></th>{head}</tr>{body}</table>", data
 
 
+def _validation_names(run_dir: Path) -> list[str]:
+    """The validation images' names from split.json, in the order their scores were stored; [] when unreadable."""
+    try:
+        return [Path(path).name for path in json.loads((run_dir / "split.json").read_text())["validation"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+
+
 def _figure(run_dir: Path, name: str, caption: str, attrs: dict | None) -> str:
     path = run_dir / name
     if attrs is None or not path.is_file():
@@ -248,7 +263,14 @@ def render(run_dir: str | Path, bundles: list[str | Path] = ()) -> Path:
     threshold = float(thresholds["image"])
     roc = _roc_figure(scores, labels, threshold, run_dir / "roc.png")
     histogram = _score_figure(scores, labels, threshold, run_dir / "scores.png")
-    validation = _validation_figure(validation_scores, threshold, thresholds.get("target_fpr"), run_dir / "validation.png")
+    outliers = (thresholds.get("fit") or {}).get("outliers") or []
+    validation = _validation_figure(validation_scores, threshold, thresholds.get("target_fpr"), run_dir / "validation.png",
+                                    outliers)
+    validation_caption = "Scores of the validation images that set the threshold"
+    if outliers:
+        names = _validation_names(run_dir)
+        validation_caption += "; " + describe_outliers(thresholds["fit"], names if len(names) == len(validation_scores)
+                                                       else [f"validation image {i + 1}" for i in range(len(validation_scores))])
     table, table_data = _precision_table(metrics, [Path(b) for b in bundles])
     title = f"{config.get('algorithm', '?').upper()} {config.get('backbone', '?')} on {config.get('category', '?')}"
     settings = ", ".join(f"{key} {config[key]}" for key in ("epochs", "image_size", "batch_size", "seed",
@@ -272,7 +294,7 @@ test split, which is only measured here.</p>
 {_figure(run_dir, "roc.png", "ROC curve of the test images; the dot is the deployed threshold", roc)}
 {_figure(run_dir, "scores.png", "Scores of normal and anomalous test images; red: the deployed threshold", histogram)}
 <h2>Validation scores</h2>
-{_figure(run_dir, "validation.png", "Scores of the validation images that set the threshold", validation)}
+{_figure(run_dir, "validation.png", validation_caption, validation)}
 <h2>Worst misses and false alarms</h2>
 {_figure(run_dir, "examples.png", "Lowest-scoring defects and highest-scoring good parts of the test split; "
          "heatmap over the image, white: the true defect outline", examples_attrs)}

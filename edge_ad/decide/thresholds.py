@@ -17,7 +17,7 @@ library only: this runs on the edge PC.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -28,6 +28,10 @@ DEFAULT_IMAGE_FPR = 0.01
 DEFAULT_PIXEL_FPR = 0.001
 DEFAULT_CONFIDENCE = 0.9
 MIN_NORMAL_SCORES = 5  # below this no tail can be fitted, only guessed; the bound widens as n shrinks
+# The outlier check (`outlying_scores`): the chance that a sample of normal scores from one tail shows one, and how
+# many of the highest scores it looks at. It names images; it never changes the threshold.
+OUTLIER_ALPHA = 0.05
+MAX_OUTLIERS = 3
 # Powers below 0 give a transform with a ceiling (-1/power); a tolerance bound near it maps back to an
 # absurd threshold (1e5 for scores below 3), so the fit stays at or above the logarithm.
 _LAMBDAS = np.linspace(0.0, 3.0, 121)
@@ -127,16 +131,104 @@ class TailFit:
     empirical_quantile: float  # what the raw quantile would have given, for comparison
     p50: float | None = None  # median and 95th percentile of the normal scores: the reference the runtime's
     p95: float | None = None  # drift watch and teach-in compare site scores with (edge_ad.decide.drift)
+    outliers: tuple[int, ...] = ()  # positions (in the scores given) of those beyond the others' tail, highest first
+    threshold_without_outliers: float | None = None  # what the others alone would have set
 
     def to_dict(self) -> dict:
         return {"method": self.method, "n": self.n, "confidence": self.confidence,
                 "power": round(self.power, 4), "empirical_quantile": self.empirical_quantile,
-                "p50": self.p50, "p95": self.p95}
+                "p50": self.p50, "p95": self.p95, "outliers": list(self.outliers),
+                "threshold_without_outliers": self.threshold_without_outliers}
 
 
 def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
                     confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, TailFit]:
-    """Raw image threshold for `target_fpr` on unseen normal images, and how it was fitted."""
+    """Raw image threshold for `target_fpr` on unseen normal images, and how it was fitted (with the
+    positions of any scores beyond the others' tail: `outlying_scores`)."""
+    threshold, fit = _tail_bound(scores, target_fpr, confidence)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    outliers = outlying_scores(scores)
+    if not outliers:
+        return threshold, fit
+    others = np.delete(scores, outliers)
+    without, _ = _tail_bound(others, target_fpr, confidence)
+    return threshold, replace(fit, outliers=tuple(outliers), threshold_without_outliers=without)
+
+
+def outlying_scores(scores, alpha: float = OUTLIER_ALPHA) -> list[int]:
+    """Positions of the highest normal scores that the tail of the others does not explain, highest first.
+
+    Why: the threshold follows the highest scores, and one defective part among the "normal" images (or one
+    normal kind the sample holds once) can set it alone. Rosner's generalized ESD test (Technometrics 1983),
+    one-sided, on the near-Gaussian scale the threshold is fitted on: at step i the highest remaining score
+    is tested against the others' mean and spread, and the k highest are named for the last step k whose
+    statistic beats its critical value; at most MAX_OUTLIERS steps, never leaving fewer than
+    MIN_NORMAL_SCORES. Scores from one tail show any with probability about alpha.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(-scores, kind="stable")
+    found = 0
+    positive = scores.min() > 0
+    for step in range(1, min(MAX_OUTLIERS, scores.size - MIN_NORMAL_SCORES) + 1):
+        sample = scores[order[step - 1:]]  # highest first
+        # Positive scores: Box-Cox fitted on the step's sample, as the threshold is (its power stops at the
+        # logarithm). Scores of both signs are tested as they are: a Yeo-Johnson power fitted with an outlier
+        # absorbs it (one 9 spreads above the rest still read as normal).
+        transformed = _box_cox_scale(sample)[0] if positive else sample
+        spread = float(transformed.std(ddof=1))
+        if not spread > 0:
+            break
+        m = sample.size
+        t = _t_quantile(1.0 - alpha / m, m - 2)
+        critical = (m - 1) * t / math.sqrt((m - 2 + t * t) * m)
+        if (transformed[0] - transformed.mean()) / spread > critical:
+            found = step
+    return [int(position) for position in order[:found]]
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    """Student's t quantile by the Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5), within 0.6 % of
+    the exact value for dof >= 4 where outlying_scores uses it: no scipy on the edge PC."""
+    z = NormalDist().inv_cdf(p)
+    terms = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    return z + sum(term / dof ** (power + 1) for power, term in enumerate(terms))
+
+
+def _box_cox_scale(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Positive scores on the near-Gaussian scale the tail is fitted on: (Box-Cox of score / median with the
+    fitted power, median, power)."""
+    median = float(np.median(scores))
+    lam = _fit_box_cox(scores / median)
+    return _box_cox(scores / median, lam), median, lam
+
+
+def _standardized(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """((scores - center) / scale, center, scale): median and IQR (or the SD, or 1), the Yeo-Johnson fit's scale."""
+    center = float(np.median(scores))
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
+    scale = float(q75 - q25) or float(np.std(scores)) or 1.0
+    return (scores - center) / scale, center, scale
+
+
+def describe_outliers(fit: dict | None, names) -> str | None:
+    """One line for the log naming the images `outlying_scores` found (names: in the order the scores were
+    given), or None when there are none."""
+    positions = (fit or {}).get("outliers") or []
+    if not positions:
+        return None
+    named = ", ".join(str(names[position]) for position in positions)
+    without = fit.get("threshold_without_outliers")
+    one = len(positions) == 1
+    them = "it" if one else "them"
+    return (f"{len(positions)} of {fit.get('n')} normal images score{'s' if one else ''} beyond the tail of the "
+            f"others ({named}); the threshold follows {them}" +
+            (f" ({without:.4g} without {them})" if without is not None else "") +
+            f". Look at {them}: a defect among the normal images raises the threshold for every part; if "
+            f"{'it is' if one else 'they are'} normal, the line has more parts like {them} than these images show")
+
+
+def _tail_bound(scores, target_fpr: float, confidence: float) -> tuple[float, TailFit]:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if not 0.0 < target_fpr < 1.0:
         raise ThresholdEstimateError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
@@ -152,19 +244,13 @@ def image_threshold(scores, target_fpr: float = DEFAULT_IMAGE_FPR,
     p95 = float(np.quantile(scores, 0.95))
     if scores.min() > 0 and np.ptp(scores) > 0:
         # Positive scores (maps, distances, errors): Box-Cox on scores / median, exact for log-normal ones.
-        median = float(np.median(scores))
-        relative = scores / median
-        lam = _fit_box_cox(relative)
-        transformed = _box_cox(relative, lam)
+        transformed, median, lam = _box_cox_scale(scores)
         bound = float(transformed.mean() + k * transformed.std(ddof=1))
         value = math.exp(bound) if lam < 1e-8 else (lam * bound + 1.0) ** (1.0 / lam)
         fit = TailFit(method="box-cox normal tolerance bound", n=int(scores.size), confidence=confidence,
                       power=lam, empirical_quantile=empirical, p50=median, p95=p95)
         return float(median * value), fit
-    center = float(np.median(scores))
-    q25, q75 = np.quantile(scores, [0.25, 0.75])
-    scale = float(q75 - q25) or float(np.std(scores)) or 1.0
-    standardized = (scores - center) / scale
+    standardized, center, scale = _standardized(scores)
     lam = _fit_lambda(standardized)
     value = None
     for power in (lam, 1.0):  # 1.0 is the identity: a plain normal fit where the fitted power cannot reach the bound

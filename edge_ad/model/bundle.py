@@ -66,6 +66,12 @@ class ModelInfo:
     outputs: tuple[str, str] = ("anomaly_map", "score")
 
 
+def validation_seed(run_config: dict) -> int:
+    """The seed that drew a run's validation split: its --split-seed where it set one, else its --seed."""
+    split_seed = run_config.get("split_seed")
+    return int(run_config["seed"] if split_seed is None else split_seed)
+
+
 @dataclass
 class TrainingInfo:
     category: str
@@ -76,6 +82,10 @@ class TrainingInfo:
     image_size: int
     validation_fraction: float
     config: dict = field(default_factory=dict)
+
+    @property
+    def validation_seed(self) -> int:
+        return validation_seed(self.config | {"seed": self.seed})
 
 
 @dataclass

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from edge_ad.decide.scoring import Scorer
+from edge_ad.decide.thresholds import describe_outliers
 from edge_ad.deliver.events import Topics, model_identity
 from edge_ad.deliver.outbox import state_name
 from edge_ad.deliver.snapshots import overlay
@@ -467,15 +468,17 @@ class RuntimeControl:
         except teaching.TeachError as exc:
             raise CommandError(f"teach-in failed: {exc}") from None
         warning = teaching.compare_with_validation(previous, scores)
+        outliers = describe_outliers(thresholds.fit, [f"teach frame {i + 1}" for i in range(n)])
         flagged = int(np.sum(scores >= previous.image))
         outcome = {"bundle": str(folder), "frames": n, "flagged_by_previous": flagged, "warning": warning,
+                   "outliers": outliers,
                    "previous": {"image_raw": previous.image, "pixel_raw": previous.pixel},
                    "new": {"image_raw": thresholds.image, "pixel_raw": thresholds.pixel}, "dry_run": dry_run}
         if dry_run:
             return outcome
         record = {"source": source, "frames": n, "skipped": 0, "target_fpr": target_fpr, "pixel_fpr": pixel_fpr,
                   "confidence": confidence, "flagged_by_previous": flagged, "warning": warning,
-                  "previous": asdict(previous), "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "outliers": outliers, "previous": asdict(previous), "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
             kept = teaching.commit_thresholds(folder, bundle, thresholds, record)
         except (BundleError, OSError) as exc:

@@ -33,7 +33,7 @@ import numpy as np
 
 from edge_ad.atomic import write_atomic
 from edge_ad.decide.thresholds import (DEFAULT_CONFIDENCE, DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, MIN_NORMAL_SCORES,
-                                       ThresholdEstimateError, estimate_thresholds)
+                                       ThresholdEstimateError, describe_outliers, estimate_thresholds)
 from edge_ad.errors import UsageError
 from edge_ad.model.bundle import BUNDLE_FILE, Bundle, BundleError, Thresholds, read_bundle, verify_files, write_bundle
 from edge_ad.sources.capture import Frame
@@ -120,25 +120,26 @@ class FrameScorer:
 
 
 def score_frames(scorer: FrameScorer, frames: Iterable[Frame], limit: int,
-                 every: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Raw scores of up to `limit` frames (every `every`-th one), and a sample of their map pixels (all of
-    them up to MAX_PIXELS)."""
+                 every: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw scores of up to `limit` frames (every `every`-th one), a sample of their map pixels (all of
+    them up to MAX_PIXELS), and each scored frame's name (its file, else "frame <index>") for the log."""
     spec = scorer.bundle.preprocess
     stride = max(1, math.ceil(limit * spec.height * spec.width / MAX_PIXELS))
-    scores, pixels = [], []
+    scores, pixels, names = [], [], []
     for position, frame in enumerate(frames):
         if position % max(1, every):
             continue
         score, amap = scorer(frame.image)
         scores.append(score)
         pixels.append(amap.ravel()[::stride])
+        names.append(frame.name or f"frame {frame.index}")
         if len(scores) % 50 == 0:
             log.info("%d/%d frames scored", len(scores), limit)
         if len(scores) >= limit:
             break
     if not scores:
-        return np.zeros(0), np.zeros(0, np.float32)
-    return np.asarray(scores, np.float64), np.concatenate(pixels)
+        return np.zeros(0), np.zeros(0, np.float32), []
+    return np.asarray(scores, np.float64), np.concatenate(pixels), names
 
 
 def compare_with_validation(previous: Thresholds, scores: np.ndarray) -> str | None:
@@ -258,7 +259,7 @@ def teach(config: TeachConfig, stop: threading.Event | None = None) -> TeachRepo
     source.open()
     log.info("teach-in: scoring up to %d frames from %s with %s", config.frames, source.description, folder)
     try:
-        scores, pixels = score_frames(scorer, source, config.frames, config.every)
+        scores, pixels, names = score_frames(scorer, source, config.frames, config.every)
     finally:
         source.close()
     n = int(scores.size)
@@ -271,10 +272,13 @@ def teach(config: TeachConfig, stop: threading.Event | None = None) -> TeachRepo
         log.warning("%s", warning)
     thresholds = fit_thresholds(bundle, scores, pixels, config.target_fpr, config.pixel_fpr,
                                 f"teach-in: {source.description}, {n} frames", config.confidence)
+    outliers = describe_outliers(thresholds.fit, names)
+    if outliers:
+        log.warning("teach-in: %s", outliers)
     flagged = int(np.sum(scores >= previous.image))
     record = {"source": source.description, "frames": n, "skipped": source.skipped, "target_fpr": config.target_fpr,
               "pixel_fpr": config.pixel_fpr, "confidence": config.confidence, "flagged_by_previous": flagged,
-              "warning": warning, "previous": asdict(previous),
+              "warning": warning, "outliers": outliers, "previous": asdict(previous),
               "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     kept = None if config.dry_run else commit_thresholds(folder, bundle, thresholds, record)
     if kept is not None and (folder / "manifest.sha256").exists():
