@@ -82,7 +82,8 @@ KEEP_MARGIN = 0.01
 # Options added after runs were keyed: at these values they train what runs from before them trained, so the key
 # leaves them out and those runs are still found.
 LATER_OPTIONS = {"subspace_weight": 0.0, "posed_copies": 3, "subspace_posed_copies": 3, "student_pool": 1,
-                 "memory_weight": 0.0, "memory_fraction": 0.003, "memory_fusion": "map", "synthetic_copies": 1}
+                 "memory_weight": 0.0, "memory_fraction": 0.003, "memory_fusion": "map", "synthetic_copies": 1,
+                 "split_seed": None}
 
 
 def _key(config) -> str:

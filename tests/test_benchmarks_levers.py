@@ -17,6 +17,9 @@ def test_a_lever_key_leaves_out_later_options_at_their_old_behaviour():
     assert "synthetic_copies" not in json.loads(levers._key(StfpmConfig(category="screw", synthetic_copies=1)))
     assert today["synthetic_copies"] == 4
     assert all(baseline["synthetic_copies"] == 1 for baseline in levers.BASELINES.values())
+    # --split-seed: unset it draws what --seed drew, so it stays out of the key
+    assert "split_seed" not in today
+    assert json.loads(levers._key(StfpmConfig(category="screw", split_seed=3)))["split_seed"] == 3
 
 
 def test_greedy_sweep_keeps_only_gains_above_the_margin_and_reuses_runs(synthetic_root, tmp_path, monkeypatch):

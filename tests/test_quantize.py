@@ -368,3 +368,22 @@ def test_int8_keeps_fp32_accuracy_on_bottle(bottle_int8, algorithm):
 
 # Latency is not asserted here (speed targets are checked by benchmark scripts, not timed tests):
 # calibration.quantize records FP32 vs INT8 latency and `pays_off` in every bundle, and warns.
+
+
+def test_without_the_run_folder_the_split_is_redrawn_from_the_split_seed(tiny_fp32_bundle, synthetic_root):
+    """A run trained with --split-seed calibrates on the validation images it held out, not --seed's."""
+    from edge_ad.model.bundle import read_bundle
+    from training.data import load_category, split_validation
+    from calibration.quantize import validation_samples
+
+    bundle = read_bundle(tiny_fp32_bundle)
+    train = load_category(synthetic_root, "synthetic").train
+    fraction = bundle.training.validation_fraction
+    _, from_seed = split_validation(train, fraction=fraction, seed=bundle.training.seed)
+    _, from_split_seed = split_validation(train, fraction=fraction, seed=bundle.training.seed + 7)
+    assert [s.path for s in from_seed] != [s.path for s in from_split_seed]
+    assert [s.path for s in validation_samples(bundle, synthetic_root, "synthetic", None)[1]] == [s.path for s in from_seed]
+    bundle.training.config = {**bundle.training.config, "split_seed": bundle.training.seed + 7}
+    _, samples, source = validation_samples(bundle, synthetic_root, "synthetic", None)
+    assert [s.path for s in samples] == [s.path for s in from_split_seed]
+    assert f"seed={bundle.training.seed + 7}" in source

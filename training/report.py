@@ -273,8 +273,9 @@ def render(run_dir: str | Path, bundles: list[str | Path] = ()) -> Path:
                                                        else [f"validation image {i + 1}" for i in range(len(validation_scores))])
     table, table_data = _precision_table(metrics, [Path(b) for b in bundles])
     title = f"{config.get('algorithm', '?').upper()} {config.get('backbone', '?')} on {config.get('category', '?')}"
-    settings = ", ".join(f"{key} {config[key]}" for key in ("epochs", "image_size", "batch_size", "seed",
-                                                             "validation_fraction", "target_fpr") if key in config)
+    settings = ", ".join(f"{key} {config[key]}" for key in ("epochs", "image_size", "batch_size", "seed", "split_seed",
+                                                             "validation_fraction", "target_fpr")
+                         if config.get(key) is not None)
     examples_attrs = {"misses": examples.get("misses", []), "false-alarms": examples.get("false_alarms", [])}
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}: training report</title>
