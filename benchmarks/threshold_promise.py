@@ -8,7 +8,7 @@ as training sets it (`edge_ad.decide.thresholds.image_threshold`), and the rest,
 images above it. Reported per confidence: the mean of that share, the share of draws above 3x the target (the
 issue's limit) and at or below the target, and the median threshold; also for the raw maximum of the fitted scores,
 what a quantile of 30 scores amounts to. The test split is never read. Writes
-`benchmarks/results/threshold_promise-<run>.json` (docs/TRAINING.md, round 15).
+`benchmarks/results/threshold_promise-<run>[-fit<N>].json` (docs/TRAINING.md, round 15).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from edge_ad.ops.tool_cli import run_tool
 
 log = logging.getLogger("benchmarks.threshold_promise")
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_FIT_SIZE = 30  # training's validation split on MVTec screw
 LIMIT_FACTOR = 3  # the issue's limit: false positives on unseen normal images <= 3x the target rate
 
 
@@ -68,7 +69,7 @@ def promise(scores: np.ndarray, fit_size: int, draws: int, confidences: list[flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.threshold_promise", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="training run folders (report_data.npz)")
-    parser.add_argument("--fit-size", type=int, default=30, help="scores that set each threshold (training's split: 30)")
+    parser.add_argument("--fit-size", type=int, default=DEFAULT_FIT_SIZE, help="scores that set each threshold (training's split: 30)")
     parser.add_argument("--draws", type=int, default=3000)
     parser.add_argument("--confidences", default="0.5,0.75,0.9")
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_IMAGE_FPR)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                       "draws": args.draws, "target_fpr": args.target_fpr, "limit": LIMIT_FACTOR * args.target_fpr,
                       "by_confidence": promise(scores, args.fit_size, args.draws, confidences, args.target_fpr)}
             args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"threshold_promise-{run_dir.name}.json"
+            suffix = "" if args.fit_size == DEFAULT_FIT_SIZE else f"-fit{args.fit_size}"
+            path = args.out / f"threshold_promise-{run_dir.name}{suffix}.json"
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(f"{run_dir.name}: {scores.size} validation scores, {args.fit_size} set each threshold")
             for key, row in result["by_confidence"].items():

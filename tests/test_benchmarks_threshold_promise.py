@@ -30,6 +30,8 @@ def test_a_heavier_tail_than_the_fit_breaks_the_promise_where_a_lognormal_one_ke
     assert kept["0.9"]["median_threshold"] > kept["0.5"]["median_threshold"]
     assert broken["0.9"]["mean_fpr"] > 0.01 and broken["0.9"]["share_above_limit"] > kept["0.9"]["share_above_limit"]
     assert "rare_mode: 100 validation scores, 30 set each threshold" in capsys.readouterr().out
+    assert threshold_promise.main([str(lognormal), "--draws", "20", "--fit-size", "60", "--out", str(tmp_path / "results")]) == 0
+    assert json.loads((tmp_path / "results" / "threshold_promise-lognormal-fit60.json").read_text())["fit_size"] == 60
 
 
 def test_direct_draws_measure_the_rest_only():
