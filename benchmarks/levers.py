@@ -83,7 +83,7 @@ KEEP_MARGIN = 0.01
 # leaves them out and those runs are still found.
 LATER_OPTIONS = {"subspace_weight": 0.0, "posed_copies": 3, "subspace_posed_copies": 3, "student_pool": 1,
                  "memory_weight": 0.0, "memory_fraction": 0.003, "memory_fusion": "map", "synthetic_copies": 1,
-                 "split_seed": None}
+                 "split_seed": None, "threshold_folds": 0}
 
 
 def _key(config) -> str:
@@ -116,6 +116,8 @@ def _rescore(base_run: Path, config) -> Path:
     keep = {k: base_metrics[k] for k in ("best_epoch", "history") if k in base_metrics}
     # The fitted shapes the base run recorded (DFM's PCA, STFPM's subspace term) make the new run loadable too.
     fitted = {k: v for k, v in read_json(base_run, "config.json").items() if k not in config.to_dict()}
+    if config.algorithm == "dfm":  # the base run's PCA is reused as it is: the rescored threshold is validation's alone
+        config = replace(config, threshold_folds=0)
     return evaluate_and_save(model, config, data, device, base_metrics.get("train_time_s", 0.0),
                              extra_config=fitted, extra_metrics={**keep, "rescored_from": str(base_run)})
 

@@ -41,9 +41,17 @@ def validation_scores(run_dir: Path) -> np.ndarray:
         raise PromiseError(f"{run_dir} has no validation scores (report_data.npz): {exc}") from None
 
 
+def out_of_fold_scores(run_dir: Path) -> np.ndarray | None:
+    """The training images' out-of-fold scores the run's threshold was also fitted on (training.crossfit); None without."""
+    with np.load(Path(run_dir) / "report_data.npz") as data:
+        return data["out_of_fold_scores"].astype(np.float64) if "out_of_fold_scores" in data.files else None
+
+
 def promise(scores: np.ndarray, fit_size: int, draws: int, confidences: list[float],
-            target_fpr: float = DEFAULT_IMAGE_FPR, seed: int = 0) -> dict:
-    """Per confidence (and "max", the raw maximum), the false-positive share on the held-out rest over the draws."""
+            target_fpr: float = DEFAULT_IMAGE_FPR, seed: int = 0, out_of_fold: np.ndarray | None = None) -> dict:
+    """Per confidence (and "max", the raw maximum), the false-positive share on the held-out rest over the draws.
+    `out_of_fold`: training images' scores that join every draw's fitted scores, as training fits them (they are
+    never measured: they are not validation images)."""
     if not 5 <= fit_size <= scores.size - 10:
         raise PromiseError(f"{scores.size} validation scores: --fit-size must leave at least 10 to measure on "
                            f"(and be at least 5), got {fit_size}")
@@ -53,6 +61,8 @@ def promise(scores: np.ndarray, fit_size: int, draws: int, confidences: list[flo
     for _ in tqdm(range(draws), desc="draws", unit="draw", leave=False):
         order = rng.permutation(scores.size)
         fitted, rest = scores[order[:fit_size]], scores[order[fit_size:]]
+        if out_of_fold is not None:
+            fitted = np.concatenate([fitted, out_of_fold])
         for confidence in confidences:
             threshold, _ = image_threshold(fitted, target_fpr, confidence)
             rates[str(confidence)].append(float(np.mean(rest > threshold)))
@@ -80,18 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         confidences = [float(c) for c in args.confidences.split(",") if c.strip()]
         for run_dir in args.runs:
             scores = validation_scores(run_dir)
+            extra = out_of_fold_scores(run_dir)
             result = {"run": run_dir.name, "validation_scores": int(scores.size), "fit_size": args.fit_size,
                       "draws": args.draws, "target_fpr": args.target_fpr, "limit": LIMIT_FACTOR * args.target_fpr,
-                      "by_confidence": promise(scores, args.fit_size, args.draws, confidences, args.target_fpr)}
+                      "out_of_fold_scores": 0 if extra is None else int(extra.size),
+                      "by_confidence": promise(scores, args.fit_size, args.draws, confidences, args.target_fpr,
+                                               out_of_fold=extra)}
+            if extra is not None:  # and as before the out-of-fold threshold, for comparison
+                result["validation_only"] = promise(scores, args.fit_size, args.draws, confidences, args.target_fpr)
             args.out.mkdir(parents=True, exist_ok=True)
             suffix = "" if args.fit_size == DEFAULT_FIT_SIZE else f"-fit{args.fit_size}"
             path = args.out / f"threshold_promise-{run_dir.name}{suffix}.json"
             path.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"{run_dir.name}: {scores.size} validation scores, {args.fit_size} set each threshold")
-            for key, row in result["by_confidence"].items():
-                label = "raw maximum" if key == "max" else f"confidence {key}"
-                print(f"  {label:16s} mean false-positive rate {row['mean_fpr']:.2%}, above {LIMIT_FACTOR}x the target "
-                      f"in {row['share_above_limit']:.1%} of draws, median threshold {row['median_threshold']:.4g}")
+            print(f"{run_dir.name}: {scores.size} validation scores, {args.fit_size} set each threshold"
+                  + ("" if extra is None else f" with the {extra.size} training images' out-of-fold scores"))
+            for part in ("by_confidence", "validation_only"):
+                if part not in result:
+                    continue
+                if part == "validation_only":
+                    print(f"  without the out-of-fold scores ({args.fit_size} validation scores alone):")
+                for key, row in result[part].items():
+                    label = "raw maximum" if key == "max" else f"confidence {key}"
+                    print(f"  {label:16s} mean false-positive rate {row['mean_fpr']:.2%}, above {LIMIT_FACTOR}x the "
+                          f"target in {row['share_above_limit']:.1%} of draws, median threshold {row['median_threshold']:.4g}")
             print(f"wrote {path}")
 
     return run_tool(run, (PromiseError, ValueError))

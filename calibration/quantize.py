@@ -163,6 +163,22 @@ def _check_config(config: QuantizeConfig) -> None:
         raise QuantizeError(f"--latency-runs must be >= 0, got {config.latency_runs}")
 
 
+def carried_out_of_fold(fp32_record: dict | None, fp32_validation: np.ndarray, int8_validation: np.ndarray) -> dict | None:
+    """The FP32 threshold's out-of-fold training scores (training.crossfit) on the INT8 model's scale; None without.
+
+    The PCA cannot be refitted here, so the FP32 scores are carried by the line through the paired validation scores
+    (INT8 moves raw values a little, in step: Spearman >= 0.95 is a target)."""
+    if not fp32_record or not fp32_record.get("scores"):
+        return None
+    fp32_validation, int8_validation = (np.asarray(v, dtype=np.float64) for v in (fp32_validation, int8_validation))
+    slope, intercept = (np.polyfit(fp32_validation, int8_validation, 1) if np.ptp(fp32_validation) > 0
+                        else (1.0, float(np.mean(int8_validation - fp32_validation))))
+    mapped = float(slope) * np.asarray(fp32_record["scores"], dtype=np.float64) + float(intercept)
+    return {**fp32_record, "scores": [round(float(v), 6) for v in mapped], "median": float(np.median(mapped)),
+            "validation_median": float(np.median(int8_validation)),
+            "mapped_from_fp32": {"slope": float(slope), "intercept": float(intercept)}}
+
+
 def quantize_bundle(config: QuantizeConfig):
     """FP32 bundle -> INT8 bundle; returns (out folder, Bundle). See the module docstring."""
     import openvino as ov
@@ -257,14 +273,22 @@ def quantize_bundle(config: QuantizeConfig):
             log.warning("this CPU's INT8 kernels deviate from the quantization grid (agreement %.3f): int16 saturation? "
                         "use a recipe with overflow_fix='enable'", kernel_agreement)
     train_config = bundle.training.config or {}
+    fitted_scores, names, source = q_scores, [str(sample.path) for sample in samples], "validation (INT8 IR)"
+    out_of_fold = carried_out_of_fold((bundle.thresholds.fit or {}).get("out_of_fold"), ref_scores, q_scores)
+    if out_of_fold is not None:
+        fitted_scores = np.concatenate([q_scores, out_of_fold["scores"]])
+        names += [f"training image {i + 1} (out-of-fold)" for i in range(len(out_of_fold["scores"]))]
+        source = "validation (INT8 IR) + out-of-fold training images (FP32, mapped)"
     thresholds = estimate_thresholds(
-        q_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),
-        float(train_config.get("pixel_fpr", 0.001)), source="validation (INT8 IR)",
+        fitted_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),
+        float(train_config.get("pixel_fpr", 0.001)), source=source,
         confidence=float(train_config.get("threshold_confidence", 0.9)),
     )
-    outliers = describe_outliers(thresholds.fit, [str(sample.path) for sample in samples])
+    if out_of_fold is not None:
+        thresholds.fit["out_of_fold"] = out_of_fold
+    outliers = describe_outliers(thresholds.fit, names)
     if outliers:
-        log.warning("validation (INT8 IR): %s", outliers)
+        log.warning("%s: %s", source, outliers)
 
     # Test split: FP32 and INT8 IR through the same measurement code.
     test = category.test

@@ -48,3 +48,24 @@ def test_a_folder_without_scores_is_one_line(tmp_path, capsys):
     assert threshold_promise.main([str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "report_data.npz" in err and "Traceback" not in err
+
+
+def test_out_of_fold_scores_join_every_draw_and_the_run_is_measured_without_them_too(tmp_path, capsys):
+    """A run whose threshold also saw its training images' out-of-fold scores (DFM): with a rare high mode among the
+    training images, every draw's threshold rises above it, which 30 validation scores alone miss."""
+    rng = np.random.default_rng(1)
+    folder = fake_run(tmp_path / "with_oof", rng.lognormal(0.0, 0.3, 100))
+    with np.load(folder / "report_data.npz") as data:
+        arrays = dict(data)
+    out_of_fold = rng.lognormal(0.0, 0.3, 170)
+    out_of_fold[:2] = [6.0, 7.0]
+    np.savez(folder / "report_data.npz", **arrays, out_of_fold_scores=out_of_fold)
+    assert threshold_promise.main([str(folder), "--draws", "200", "--confidences", "0.9",
+                                   "--out", str(tmp_path / "results")]) == 0
+    result = json.loads((tmp_path / "results" / "threshold_promise-with_oof.json").read_text())
+    assert result["out_of_fold_scores"] == 170
+    assert result["by_confidence"]["max"]["median_threshold"] == 7.0  # the maximum of every draw is the training 7.0
+    assert result["by_confidence"]["0.9"]["median_threshold"] > result["validation_only"]["0.9"]["median_threshold"]
+    assert result["by_confidence"]["0.9"]["mean_fpr"] <= result["validation_only"]["0.9"]["mean_fpr"]
+    out = capsys.readouterr().out
+    assert "with the 170 training images' out-of-fold scores" in out and "without the out-of-fold scores" in out

@@ -168,8 +168,11 @@ def test_the_pca_sees_each_training_image_and_its_posed_copies(synthetic_root, p
     model = build_model(config, pretrained=False).eval()
     seen = {}
     model.fit = lambda features, variance_ratio: seen.update(shape=features.shape)
-    feature_dim = fit_subspace(model, data, config, torch.device("cpu"))
-    assert seen["shape"] == (passes * len(data.train), feature_dim)
+    model.to = lambda device: model
+    term = fit_subspace(model, data, config, torch.device("cpu"))
+    assert seen["shape"][0] == passes * len(data.train)
+    term.refit(np.array([0, 3]))  # the out-of-fold refit drops each held-out image's rows in every pass
+    assert seen["shape"][0] == passes * (len(data.train) - 2)
 
 
 def test_negative_posed_copies_is_a_one_line_error(synthetic_root, tmp_path, capsys):

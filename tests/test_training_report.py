@@ -101,7 +101,10 @@ def test_histograms_roc_and_validation_match_the_run(run):
     assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(metrics["image_auroc"], abs=1e-5)
     assert roc["point-fpr"] == pytest.approx(metrics["fpr_deployed"])
     assert roc["point-tpr"] == pytest.approx(metrics["recall_deployed"])
-    assert len(validation["scores"]) == len(split["validation"])
+    # the threshold was fitted on the validation images and, by default, the training images' out-of-fold scores
+    fit = metrics["thresholds"]["fit"]
+    assert len(validation["scores"]) == len(split["validation"]) + len(split["train"]) == fit["n"]
+    assert validation["scores"][len(split["validation"]):] == pytest.approx(fit["out_of_fold"]["scores"], rel=1e-5)
     assert min(validation["scores"]) == pytest.approx(metrics["thresholds"]["image_min"], rel=1e-6)
 
 
@@ -154,7 +157,7 @@ def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report
                     "--batch-size", "8", "--out", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-3000:]
     warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
-    assert f"({planted})" in warning and "validation: 1 of 9 normal images scores" in warning
+    assert f"({planted})" in warning and "validation + out-of-fold training images (5 folds): 1 of 60 normal images scores" in warning
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
                    .removeprefix("report: ")).parent
     fit = json.loads((run_dir / "metrics.json").read_text())["thresholds"]["fit"]

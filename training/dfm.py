@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import DfmConfig, parse_config, parse_taps
+from training.crossfit import RefittableTerm, out_of_fold_scores, subspace_term
 from training.data.augment import Augmentation
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
@@ -47,37 +48,43 @@ def collect_features(model: DfmModel, batches, device: torch.device, desc: str =
     return np.concatenate(chunks)
 
 
-def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device, input_transform=None) -> int:
-    """Fit the PCA on the training images (and posed copies with --augment); returns the feature size.
+def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device, input_transform=None) -> RefittableTerm:
+    """Fit the PCA on the training images (and posed copies with --augment); returns the term refittable without
+    some of them (training.crossfit), on the same features.
 
     Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher (on the images as
     its student sees them: `input_transform`)."""
-    features = collect_features(model, loader(data.train, data, config), device, input_transform=input_transform)
+    passes = [collect_features(model, loader(data.train, data, config), device, input_transform=input_transform)]
     if Augmentation.parse(config.augment).active:
-        posed = loader(data.train, data, config, augment=True)
-        features = np.concatenate([features] + [collect_features(model, posed, device, desc=f"augmented pass {i + 1}",
-                                                                 input_transform=input_transform)
-                                                for i in range(config.posed_copies)])
+        posed = loader(data.train, data, config, augment=True)  # not shuffled: rows follow data.train in every pass
+        passes += [collect_features(model, posed, device, desc=f"augmented pass {i + 1}", input_transform=input_transform)
+                   for i in range(config.posed_copies)]
+    features = np.concatenate(passes)
+    owners = np.tile(np.arange(len(data.train)), len(passes))
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)
     log.info("PCA on %d images x %d features kept %d components", *features.shape, model.n_components)
-    return int(features.shape[1])
+    return subspace_term(model, features, owners, config.variance_ratio, device)
 
 
 def train(config: DfmConfig) -> Path:
     parse_taps(config.taps)
     if config.posed_copies < 0:
         raise ValueError(f"--posed-copies must be >= 0, got {config.posed_copies}")
+    if config.threshold_folds < 0 or config.threshold_folds == 1:
+        raise ValueError(f"--threshold-folds must be 0 (off) or at least 2, got {config.threshold_folds}")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)
     model = build_model(config).to(device).eval()
     started = time.perf_counter()
-    feature_dim = fit_subspace(model, data, config, device)
+    subspace = fit_subspace(model, data, config, device)
     train_time = time.perf_counter() - started
+    out_of_fold = out_of_fold_scores(model, subspace, data, config, device, lambda samples: loader(samples, data, config))
     return evaluate_and_save(
         model, config, data, device, train_time,
-        extra_config={"feature_dim": feature_dim, "n_components": model.n_components},
+        extra_config={"feature_dim": int(model.mean.numel()), "n_components": model.n_components},
+        out_of_fold=out_of_fold,
     )
 
 

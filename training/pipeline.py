@@ -16,6 +16,7 @@ from edge_ad.model.preprocess import FITS, PreprocessSpec, as_bgr_uint8
 from edge_ad.sources.images import read_image
 from training import run_dir as runs
 from training.config import TrainConfig
+from training.crossfit import OutOfFold
 from training.data import Sample, data_fingerprint, load_category, make_loader, split_validation
 from training.data.augment import Augmentation
 from training.data.dataset import FrameDataset
@@ -128,14 +129,24 @@ def evaluate_and_save(
     train_time_s: float,
     extra_config: dict | None = None,
     extra_metrics: dict | None = None,
+    out_of_fold: OutOfFold | None = None,
 ) -> Path:
-    """Thresholds from validation, metrics on test, then write the run folder."""
+    """Thresholds from validation (and the training images' `out_of_fold` scores), metrics on test, then write the
+    run folder."""
     validation = predict(model, loader(data.validation, data, config), device, desc="validation")
-    thresholds = estimate_thresholds(validation.scores, validation.maps, config.target_fpr, config.pixel_fpr,
-                                     confidence=config.threshold_confidence)
-    outliers = describe_outliers(thresholds.fit, validation.paths)
+    fitted_scores, fitted_paths, source = validation.scores, list(validation.paths), "validation"
+    if out_of_fold is not None:
+        fitted_scores = np.concatenate([validation.scores, out_of_fold.scores])
+        fitted_paths += out_of_fold.paths
+        source = f"validation + out-of-fold training images ({out_of_fold.folds} folds)"
+    # The pixel threshold stays on the validation maps: thousands of pixels per image are plenty.
+    thresholds = estimate_thresholds(fitted_scores, validation.maps, config.target_fpr, config.pixel_fpr,
+                                     source=source, confidence=config.threshold_confidence)
+    if out_of_fold is not None:
+        thresholds.fit["out_of_fold"] = out_of_fold.record(validation.scores)
+    outliers = describe_outliers(thresholds.fit, fitted_paths)
     if outliers:
-        log.warning("validation: %s", outliers)
+        log.warning("%s: %s", source, outliers)
     test = predict(model, loader(data.test, data, config), device, desc="test")
     metrics = test_metrics(test, thresholds.image, data.has_masks)
     # Measured on the saved model (for STFPM with --select synthetic it must equal the kept epoch's value).
@@ -163,7 +174,7 @@ def evaluate_and_save(
     report(config, metrics_json, run_dir)
     from training import report as training_report  # matplotlib only when a run is written
 
-    print(f"report: {training_report.write(run_dir, validation, test)}")
+    print(f"report: {training_report.write(run_dir, validation, test, None if out_of_fold is None else out_of_fold.scores)}")
     return run_dir
 
 

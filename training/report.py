@@ -51,12 +51,14 @@ def _pyplot():
     return plt
 
 
-def write(run_dir: str | Path, validation, test) -> Path:
-    """Keep the scores, draw the example heatmaps (they need the maps and images), then render the report."""
+def write(run_dir: str | Path, validation, test, out_of_fold_scores: np.ndarray | None = None) -> Path:
+    """Keep the scores, draw the example heatmaps (they need the maps and images), then render the report.
+    `out_of_fold_scores`: the training images' (training.crossfit), where the threshold was fitted on them too."""
     run_dir = Path(run_dir)
+    extra = {} if out_of_fold_scores is None else {"out_of_fold_scores": np.asarray(out_of_fold_scores, np.float64)}
     np.savez_compressed(run_dir / DATA_FILE, test_scores=test.scores.astype(np.float64), test_labels=test.labels,
                         test_paths=np.asarray(test.paths, dtype=str),
-                        validation_scores=validation.scores.astype(np.float64))
+                        validation_scores=validation.scores.astype(np.float64), **extra)
     threshold = _metrics(run_dir)["thresholds"]["image"]
     examples = _example_figure(test, threshold, run_dir / "examples.png")
     (run_dir / EXAMPLES_FILE).write_text(json.dumps(examples, indent=2) + "\n")
@@ -174,19 +176,27 @@ def _roc_figure(scores: np.ndarray, labels: np.ndarray, threshold: float, out: P
 
 
 def _validation_figure(scores: np.ndarray, threshold: float, target_fpr: float | None, out: Path,
-                       outliers: list[int] = ()) -> dict:
+                       outliers: list[int] = (), n_validation: int | None = None) -> dict:
+    """`scores`: those the threshold was fitted on, the validation images' first (`n_validation`; all by default),
+    then the training images' out-of-fold ones."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6.4, 3.0), dpi=DPI)
-    ordered = np.sort(scores)
-    ax.plot(np.arange(ordered.size), ordered, "o", markersize=3, color="tab:blue",
-            label=f"validation images (normal, {ordered.size}), sorted")
+    n_validation = scores.size if n_validation is None else n_validation
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    from_validation = order < n_validation
+    ax.plot(np.flatnonzero(from_validation), ordered[from_validation], "o", markersize=3, color="tab:blue",
+            label=f"validation images (normal, {n_validation})")
+    if n_validation < scores.size:
+        ax.plot(np.flatnonzero(~from_validation), ordered[~from_validation], "o", markersize=2, color="tab:gray",
+                label=f"training images, out-of-fold ({scores.size - n_validation})")
     if len(outliers):
         rank = np.searchsorted(ordered, scores[list(outliers)])
         ax.plot(rank, scores[list(outliers)], "o", markersize=8, fillstyle="none", color=THRESHOLD_COLOR,
                 label="beyond the others' tail (named below)")
     ax.axhline(threshold, color=THRESHOLD_COLOR, linewidth=1.0, antialiased=False,
                label=f"deployed threshold {threshold:.4g}" + (f" (target FPR {target_fpr:.1%})" if target_fpr else ""))
-    ax.set_xlabel("validation image (sorted by score)")
+    ax.set_xlabel("normal image (sorted by score)")
     ax.set_ylabel("image score (raw)")
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -229,10 +239,12 @@ def _precision_table(metrics: dict, bundles: list[Path]) -> tuple[str, dict]:
     return f"<table><tr><th></th>{head}</tr>{body}</table>", data
 
 
-def _validation_names(run_dir: Path) -> list[str]:
-    """The validation images' names from split.json, in the order their scores were stored; [] when unreadable."""
+def _fitted_names(run_dir: Path, with_training: bool) -> list[str]:
+    """The names of the images whose scores set the threshold, from split.json, in the order their scores were
+    stored (validation, then training with out-of-fold scores); [] when unreadable."""
     try:
-        return [Path(path).name for path in json.loads((run_dir / "split.json").read_text())["validation"]]
+        split = json.loads((run_dir / "split.json").read_text())
+        return [Path(path).name for path in split["validation"] + (split["train"] if with_training else [])]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return []
 
@@ -256,6 +268,7 @@ def render(run_dir: str | Path, bundles: list[str | Path] = ()) -> Path:
         data = np.load(run_dir / DATA_FILE)
         scores, labels = data["test_scores"], data["test_labels"]
         validation_scores = data["validation_scores"]
+        out_of_fold = data["out_of_fold_scores"] if "out_of_fold_scores" in data.files else np.zeros(0)
     except (OSError, KeyError, ValueError) as exc:
         raise ReportError(f"{run_dir} has no report data ({DATA_FILE}, config.json): {exc}") from None
     examples = json.loads((run_dir / EXAMPLES_FILE).read_text()) if (run_dir / EXAMPLES_FILE).is_file() else {}
@@ -264,13 +277,16 @@ def render(run_dir: str | Path, bundles: list[str | Path] = ()) -> Path:
     roc = _roc_figure(scores, labels, threshold, run_dir / "roc.png")
     histogram = _score_figure(scores, labels, threshold, run_dir / "scores.png")
     outliers = (thresholds.get("fit") or {}).get("outliers") or []
-    validation = _validation_figure(validation_scores, threshold, thresholds.get("target_fpr"), run_dir / "validation.png",
-                                    outliers)
-    validation_caption = "Scores of the validation images that set the threshold"
+    fitted = np.concatenate([validation_scores, out_of_fold])
+    validation = _validation_figure(fitted, threshold, thresholds.get("target_fpr"), run_dir / "validation.png",
+                                    outliers, n_validation=validation_scores.size)
+    validation_caption = "Scores of the validation images that set the threshold" if not out_of_fold.size else \
+        ("Scores of the normal images that set the threshold: the validation images, and the training images "
+         "scored by the fitted terms refitted without them (out-of-fold)")
     if outliers:
-        names = _validation_names(run_dir)
-        validation_caption += "; " + describe_outliers(thresholds["fit"], names if len(names) == len(validation_scores)
-                                                       else [f"validation image {i + 1}" for i in range(len(validation_scores))])
+        names = _fitted_names(run_dir, with_training=bool(out_of_fold.size))
+        validation_caption += "; " + describe_outliers(thresholds["fit"], names if len(names) == fitted.size
+                                                       else [f"normal image {i + 1}" for i in range(fitted.size)])
     table, table_data = _precision_table(metrics, [Path(b) for b in bundles])
     title = f"{config.get('algorithm', '?').upper()} {config.get('backbone', '?')} on {config.get('category', '?')}"
     settings = ", ".join(f"{key} {config[key]}" for key in ("epochs", "image_size", "batch_size", "seed", "split_seed",

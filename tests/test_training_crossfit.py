@@ -1,0 +1,156 @@
+"""The out-of-fold threshold (training.crossfit): every training image scored by a fit that did not see it."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from training import crossfit, dfm, stfpm
+from training.config import DfmConfig, StfpmConfig
+from training.run_dir import load_model
+
+
+
+class Memorizer(nn.Module):
+    """A fitted term at its most biased: scores 1 on the images it was fitted on and 2 on any other; the image's
+    index is its first pixel."""
+
+    def __init__(self, fitted: set[int]):
+        super().__init__()
+        self.fitted = set(fitted)
+
+    def forward(self, images):
+        index = images[:, 0, 0, 0].round().long().tolist()
+        scores = torch.tensor([1.0 if i in self.fitted else 2.0 for i in index])
+        return torch.zeros(len(index), 1, 4, 4), scores
+
+
+def toy_data(n_train: int, n_validation: int):
+    train = [SimpleNamespace(path=f"train/good/{i:03d}.png", index=i) for i in range(n_train)]
+    validation = [SimpleNamespace(path=f"val/{i}.png", index=1000 + i) for i in range(n_validation)]
+    return SimpleNamespace(train=train, validation=validation)
+
+
+def batches_of(samples):
+    images = torch.stack([torch.full((3, 4, 4), float(sample.index)) for sample in samples])
+    return [{"image": images[i:i + 3]} for i in range(0, len(images), 3)]
+
+
+def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_comes_back():
+    data = toy_data(n_train=17, n_validation=5)
+    everything = set(range(17))
+    model = Memorizer(everything)
+    held_out_sets = []
+
+    def refit(held_out):
+        held_out_sets.append(set(held_out.tolist()))
+        model.fitted = everything - set(held_out.tolist())
+
+    def restore():
+        model.fitted = set(everything)
+
+    term = crossfit.RefittableTerm("memorizer", refit, restore)
+    config = SimpleNamespace(threshold_folds=4, validation_seed=0)
+    result = crossfit.out_of_fold_scores(model, term, data, config, torch.device("cpu"), batches_of)
+    # the in-sample score would be 1; every image's score is 2: no fold scored an image it was fitted on
+    assert result.scores.tolist() == [2.0] * 17
+    assert result.paths == [sample.path for sample in data.train] and result.folds == 4
+    assert sorted(len(s) for s in held_out_sets) == [4, 4, 4, 5] and set().union(*held_out_sets) == everything
+    assert result.scale_ratios == [1.0] * 4  # the validation images score alike under every fit
+    assert model.fitted == everything  # the final fit is back
+    assert crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=0, validation_seed=0),
+                                       torch.device("cpu"), batches_of) is None
+    with pytest.raises(ValueError, match="between 2 and the 17 training images"):
+        crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=18, validation_seed=0),
+                                    torch.device("cpu"), batches_of)
+
+
+def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validation_images():
+    """A term fitted on fewer images explains new ones worse: the fold's scores are multiplied by the final over
+    the fold fit's mean score on the validation images, which neither saw."""
+    data = toy_data(n_train=10, n_validation=4)
+
+    class Scaled(nn.Module):
+        gain = 1.0
+
+        def forward(self, images):
+            index = images[:, 0, 0, 0]
+            return torch.zeros(len(index), 1, 4, 4), self.gain * (1.0 + (index % 3))
+
+    model = Scaled()
+    term = crossfit.RefittableTerm("scaled", lambda held_out: setattr(model, "gain", 1.25), lambda: setattr(model, "gain", 1.0))
+    result = crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=2, validation_seed=0),
+                                         torch.device("cpu"), batches_of)
+    assert result.scale_ratios == pytest.approx([0.8, 0.8])
+    assert result.scores == pytest.approx([1.0 + (i % 3) for i in range(10)])  # as the final fit scores new images
+    assert crossfit._scale_ratio(np.array([-1.0, 2.0]), np.array([-3.0, 1.0])) == 1.0  # no scale to match
+
+
+def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(synthetic_root, tmp_path):
+    """The recorded out-of-fold scores are what a PCA fitted without each fold gives (scaled); the in-sample
+    scores of the final PCA are lower; the threshold's fit covers both sets; --threshold-folds 0 keeps the old way."""
+    config = DfmConfig(category="synthetic", data_root=str(synthetic_root), image_size=64, batch_size=8,
+                       out=str(tmp_path / "runs"), posed_copies=1)
+    run = dfm.train(config)
+    metrics = json.loads((run / "metrics.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    fit = metrics["thresholds"]["fit"]
+    record = fit["out_of_fold"]
+    assert (record["folds"], record["images"]) == (5, len(split["train"]))
+    assert fit["n"] == len(split["validation"]) + len(split["train"])
+    assert "out-of-fold" in metrics["thresholds"]["source"]
+    assert len(record["scale_ratios"]) == 5 and all(0.5 < r < 2.0 for r in record["scale_ratios"])
+
+    from training.pipeline import loader, prepare_data
+    from training.predict import predict
+
+    model, _ = load_model(run)
+    data = prepare_data(config)
+    in_sample = predict(model, loader(data.train, data, config), torch.device("cpu")).scores
+    out_of_fold = np.asarray(record["scores"])
+    assert np.median(out_of_fold) > np.median(in_sample)  # a PCA explains its own training images best
+    assert min(metrics["thresholds"]["image_min"], np.min(out_of_fold)) == pytest.approx(metrics["thresholds"]["image_min"])
+
+    plain = dfm.train(DfmConfig(**{**config.to_dict(), "threshold_folds": 0}))
+    plain_fit = json.loads((plain / "metrics.json").read_text())["thresholds"]
+    assert plain_fit["fit"]["n"] == len(split["validation"]) and "out_of_fold" not in plain_fit["fit"]
+    assert plain_fit["source"] == "validation"
+
+
+@pytest.mark.parametrize("value,message", [("1", "--threshold-folds must be 0 (off) or at least 2, got 1"),
+                                           ("99", "between 2 and the 34 training images, got 99")])
+def test_bad_fold_counts_are_one_line_errors(synthetic_root, tmp_path, value, message):
+    result = subprocess.run([sys.executable, "-m", "training.dfm", "--category", "synthetic", "--data-root",
+                             str(synthetic_root), "--out", str(tmp_path), "--image-size", "64", "--posed-copies", "0",
+                             "--threshold-folds", value], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stfpm_keeps_the_validation_scores_alone(synthetic_root, tmp_path):
+    """Its student cannot be refitted without retraining it (docs/TRAINING.md, round 16)."""
+    run = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
+                                  batch_size=8, out=str(tmp_path / "runs")))
+    thresholds = json.loads((run / "metrics.json").read_text())["thresholds"]
+    assert thresholds["source"] == "validation" and "out_of_fold" not in thresholds["fit"]
+    assert not hasattr(StfpmConfig, "threshold_folds")
+
+
+def test_int8_calibration_carries_the_out_of_fold_scores_by_the_validation_line():
+    from calibration.quantize import carried_out_of_fold
+
+    fp32_validation = np.array([1.0, 2.0, 3.0, 4.0])
+    int8_validation = 1.1 * fp32_validation - 0.05
+    record = {"folds": 5, "images": 3, "scores": [2.0, 5.0, 7.0], "scale_ratios": [0.9] * 5}
+    carried = carried_out_of_fold(record, fp32_validation, int8_validation)
+    assert carried["scores"] == pytest.approx([2.15, 5.45, 7.65])
+    assert carried["mapped_from_fp32"] == pytest.approx({"slope": 1.1, "intercept": -0.05})
+    assert (carried["folds"], carried["images"]) == (5, 3) and record["scores"] == [2.0, 5.0, 7.0]
+    assert carried_out_of_fold(None, fp32_validation, int8_validation) is None
+    flat = carried_out_of_fold(record, np.ones(4), np.full(4, 1.5))  # no spread to fit a line through: a shift
+    assert flat["scores"] == pytest.approx([2.5, 5.5, 7.5])
