@@ -71,7 +71,7 @@ BASELINES = {
               "subspace_weight": 0.0, "synthetic_copies": 1},
     "dfm": {"taps": "2", "pool": 1, "score_type": "fre", "augment": "none", "posed_copies": 3, "smooth_sigma": 0.0,
             "score_reduction": "max", "topk_fraction": 0.01, "backbone": "mobilenet_v2", "image_size": 256,
-            "synthetic_copies": 1},
+            "synthetic_copies": 1, "threshold_folds": 0},
 }
 SCORING_KEYS = {"score_reduction", "topk_fraction", "smooth_sigma", "map_taps", "map_combine"}
 # A lever must beat noise: with 30-50 validation images and as many synthetic defects, AUROC moves by

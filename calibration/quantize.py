@@ -8,7 +8,8 @@ the split training used, reproduced from bundle.json's seed and fraction or read
 run's split.json with --run-dir), never test images. Afterwards the INT8 IR is re-measured
 on the test split beside the FP32 IR, the thresholds are recomputed from the INT8 model's
 validation outputs (INT8 shifts raw values a little, and the runtime compares raw values
-with bundle.json's thresholds), and single-frame latency FP32 vs INT8 is recorded: INT8
+with bundle.json's thresholds; a DFM's out-of-fold training scores join them, carried over
+from FP32 by the line through the paired validation scores), and single-frame latency FP32 vs INT8 is recorded: INT8
 only pays off if it keeps accuracy *and* is faster.
 """
 
@@ -167,7 +168,8 @@ def carried_out_of_fold(fp32_record: dict | None, fp32_validation: np.ndarray, i
     """The FP32 threshold's out-of-fold training scores (training.crossfit) on the INT8 model's scale; None without.
 
     The PCA cannot be refitted here, so the FP32 scores are carried by the line through the paired validation scores
-    (INT8 moves raw values a little, in step: Spearman >= 0.95 is a target)."""
+    (INT8 moves raw values a little, in step: Spearman >= 0.95 is a target). A line, not crossfit's ratio of means:
+    here every validation image has both scores, and quantization can shift them as well as scale them."""
     if not fp32_record or not fp32_record.get("scores"):
         return None
     fp32_validation, int8_validation = (np.asarray(v, dtype=np.float64) for v in (fp32_validation, int8_validation))
@@ -277,7 +279,7 @@ def quantize_bundle(config: QuantizeConfig):
     out_of_fold = carried_out_of_fold((bundle.thresholds.fit or {}).get("out_of_fold"), ref_scores, q_scores)
     if out_of_fold is not None:
         fitted_scores = np.concatenate([q_scores, out_of_fold["scores"]])
-        names += [f"training image {i + 1} (out-of-fold)" for i in range(len(out_of_fold["scores"]))]
+        names += out_of_fold.get("paths") or [f"training image {i + 1} (out-of-fold)" for i in range(len(out_of_fold["scores"]))]
         source = "validation (INT8 IR) + out-of-fold training images (FP32, mapped)"
     thresholds = estimate_thresholds(
         fitted_scores, q_maps, float(train_config.get("target_fpr", bundle.thresholds.target_fpr or 0.01)),

@@ -20,6 +20,12 @@ def test_a_lever_key_leaves_out_later_options_at_their_old_behaviour():
     # --split-seed: unset it draws what --seed drew, so it stays out of the key
     assert "split_seed" not in today
     assert json.loads(levers._key(StfpmConfig(category="screw", split_seed=3)))["split_seed"] == 3
+    # DFM's out-of-fold threshold: the sweep keeps the validation-only threshold its runs were keyed with
+    from training.config import DfmConfig
+
+    assert levers.BASELINES["dfm"]["threshold_folds"] == 0
+    assert "threshold_folds" not in json.loads(levers._key(DfmConfig(category="screw", **levers.BASELINES["dfm"])))
+    assert json.loads(levers._key(DfmConfig(category="screw")))["threshold_folds"] == 5
 
 
 def test_greedy_sweep_keeps_only_gains_above_the_margin_and_reuses_runs(synthetic_root, tmp_path, monkeypatch):

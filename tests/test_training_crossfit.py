@@ -61,13 +61,31 @@ def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_com
     assert result.scores.tolist() == [2.0] * 17
     assert result.paths == [sample.path for sample in data.train] and result.folds == 4
     assert sorted(len(s) for s in held_out_sets) == [4, 4, 4, 5] and set().union(*held_out_sets) == everything
-    assert result.scale_ratios == [1.0] * 4  # the validation images score alike under every fit
+    assert result.adjustments == [{"ratio": 1.0, "shift": 0.0}] * 4  # the validation images score alike under every fit
     assert model.fitted == everything  # the final fit is back
     assert crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=0, validation_seed=0),
                                        torch.device("cpu"), batches_of) is None
     with pytest.raises(ValueError, match="between 2 and the 17 training images"):
         crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=18, validation_seed=0),
                                     torch.device("cpu"), batches_of)
+
+
+def test_a_failing_refit_still_puts_the_final_fit_back():
+    data = toy_data(n_train=9, n_validation=3)
+    model = Memorizer(set(range(9)))
+    calls = []
+
+    def refit(held_out):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("the PCA did not converge")
+        model.fitted = set(range(9)) - set(held_out.tolist())
+
+    term = crossfit.RefittableTerm("memorizer", refit, lambda: setattr(model, "fitted", set(range(9))))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=3, validation_seed=0),
+                                    torch.device("cpu"), batches_of)
+    assert model.fitted == set(range(9))
 
 
 def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validation_images():
@@ -86,9 +104,11 @@ def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validati
     term = crossfit.RefittableTerm("scaled", lambda held_out: setattr(model, "gain", 1.25), lambda: setattr(model, "gain", 1.0))
     result = crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=2, validation_seed=0),
                                          torch.device("cpu"), batches_of)
-    assert result.scale_ratios == pytest.approx([0.8, 0.8])
+    assert [a["ratio"] for a in result.adjustments] == pytest.approx([0.8, 0.8])
     assert result.scores == pytest.approx([1.0 + (i % 3) for i in range(10)])  # as the final fit scores new images
-    assert crossfit._scale_ratio(np.array([-1.0, 2.0]), np.array([-3.0, 1.0])) == 1.0  # no scale to match
+    # scores whose change is an offset (DFM's nll: log-variances) or that have no zero to scale from get a shift
+    assert crossfit._to_final_scale(np.array([1.0, 3.0]), np.array([2.0, 4.0]), additive=True) == {"ratio": 1.0, "shift": -1.0}
+    assert crossfit._to_final_scale(np.array([-1.0, 2.0]), np.array([-3.0, 1.0]), additive=False) == {"ratio": 1.0, "shift": 1.5}
 
 
 def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(synthetic_root, tmp_path):
@@ -104,7 +124,8 @@ def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(sy
     assert (record["folds"], record["images"]) == (5, len(split["train"]))
     assert fit["n"] == len(split["validation"]) + len(split["train"])
     assert "out-of-fold" in metrics["thresholds"]["source"]
-    assert len(record["scale_ratios"]) == 5 and all(0.5 < r < 2.0 for r in record["scale_ratios"])
+    assert len(record["adjustments"]) == 5 and all(0.5 < a["ratio"] < 1.0 and a["shift"] == 0 for a in record["adjustments"])
+    assert record["paths"] == split["train"] and metrics["out_of_fold_s"] > 0
 
     from training.pipeline import loader, prepare_data
     from training.predict import predict
@@ -122,8 +143,8 @@ def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(sy
     assert plain_fit["source"] == "validation"
 
 
-@pytest.mark.parametrize("value,message", [("1", "--threshold-folds must be 0 (off) or at least 2, got 1"),
-                                           ("99", "between 2 and the 34 training images, got 99")])
+@pytest.mark.parametrize("value,message", [("1", "--threshold-folds must be 0 (off) or between 2 and the 34 training images, got 1"),
+                                           ("99", "between 2 and the 34 training images, got 99"), ("-1", "must be 0 (off) or between 2 and")])
 def test_bad_fold_counts_are_one_line_errors(synthetic_root, tmp_path, value, message):
     result = subprocess.run([sys.executable, "-m", "training.dfm", "--category", "synthetic", "--data-root",
                              str(synthetic_root), "--out", str(tmp_path), "--image-size", "64", "--posed-copies", "0",
@@ -146,7 +167,7 @@ def test_int8_calibration_carries_the_out_of_fold_scores_by_the_validation_line(
 
     fp32_validation = np.array([1.0, 2.0, 3.0, 4.0])
     int8_validation = 1.1 * fp32_validation - 0.05
-    record = {"folds": 5, "images": 3, "scores": [2.0, 5.0, 7.0], "scale_ratios": [0.9] * 5}
+    record = {"folds": 5, "images": 3, "scores": [2.0, 5.0, 7.0], "paths": ["a.png", "b.png", "c.png"]}
     carried = carried_out_of_fold(record, fp32_validation, int8_validation)
     assert carried["scores"] == pytest.approx([2.15, 5.45, 7.65])
     assert carried["mapped_from_fp32"] == pytest.approx({"slope": 1.1, "intercept": -0.05})

@@ -167,12 +167,17 @@ def test_the_pca_sees_each_training_image_and_its_posed_copies(synthetic_root, p
     data = prepare_data(config)
     model = build_model(config, pretrained=False).eval()
     seen = {}
-    model.fit = lambda features, variance_ratio: seen.update(shape=features.shape)
+    model.fit = lambda features, variance_ratio: seen.update(shape=features.shape, features=features)
     model.to = lambda device: model
     term = fit_subspace(model, data, config, torch.device("cpu"))
     assert seen["shape"][0] == passes * len(data.train)
-    term.refit(np.array([0, 3]))  # the out-of-fold refit drops each held-out image's rows in every pass
-    assert seen["shape"][0] == passes * (len(data.train) - 2)
+    rows_of = {i: seen["features"][[i + p * len(data.train) for p in range(passes)]] for i in range(len(data.train))}
+    term.refit(np.array([0, 3]))  # the out-of-fold refit drops each held-out image's rows in every pass, and only those
+    kept = seen["features"]
+    assert kept.shape[0] == passes * (len(data.train) - 2)
+    for i, rows in rows_of.items():
+        present = [any(np.array_equal(row, other) for other in kept) for row in rows]
+        assert present == [i not in (0, 3)] * passes, i
 
 
 def test_negative_posed_copies_is_a_one_line_error(synthetic_root, tmp_path, capsys):

@@ -165,3 +165,31 @@ def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report
     page = (run_dir / "report.html").read_text()
     assert Figures(page).figures["validation"]["outliers"] == [2]
     assert f"normal images scores beyond the tail of the others ({planted.name})" in page
+
+
+def test_a_defect_among_the_training_images_is_named_too(tmp_path):
+    """Out-of-fold scores (DFM) reach the training images, which no validation score could: a defective one is named
+    in the log and in the report, by the name split.json gives it."""
+    from training.data.split import split_validation
+    from training.data import load_category
+    from training.data.synthetic import generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(tmp_path / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=8, seed=3)
+    train, _ = split_validation(load_category(root, "synthetic").train, fraction=0.15, seed=0)
+    planted = Path(train[5].path)
+    image = cv2.imread(str(planted))
+    cv2.circle(image, (32, 32), 10, (0, 0, 0), -1)
+    cv2.imwrite(str(planted), image)
+    result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
+                    "--batch-size", "8", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
+    assert str(planted) in warning
+    run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
+                   .removeprefix("report: ")).parent
+    split = json.loads((run_dir / "split.json").read_text())
+    position = len(split["validation"]) + split["train"].index(str(planted))
+    assert position in json.loads((run_dir / "metrics.json").read_text())["thresholds"]["fit"]["outliers"]
+    page = (run_dir / "report.html").read_text()
+    assert position in Figures(page).figures["validation"]["outliers"] and planted.name in page
+    assert "Normal scores that set the threshold" in page

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import DfmConfig, parse_config, parse_taps
-from training.crossfit import RefittableTerm, out_of_fold_scores, subspace_term
+from training.crossfit import RefittableTerm, check_folds, out_of_fold_scores, subspace_term
 from training.data.augment import Augmentation
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
@@ -71,19 +71,23 @@ def train(config: DfmConfig) -> Path:
     parse_taps(config.taps)
     if config.posed_copies < 0:
         raise ValueError(f"--posed-copies must be >= 0, got {config.posed_copies}")
-    if config.threshold_folds < 0 or config.threshold_folds == 1:
-        raise ValueError(f"--threshold-folds must be 0 (off) or at least 2, got {config.threshold_folds}")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     data = prepare_data(config)
+    check_folds(config.threshold_folds, len(data.train))
     model = build_model(config).to(device).eval()
     started = time.perf_counter()
     subspace = fit_subspace(model, data, config, device)
     train_time = time.perf_counter() - started
-    out_of_fold = out_of_fold_scores(model, subspace, data, config, device, lambda samples: loader(samples, data, config))
+    started = time.perf_counter()
+    out_of_fold = out_of_fold_scores(model, subspace, data, config, device, lambda samples: loader(samples, data, config),
+                                     additive=config.score_type == "nll")
+    out_of_fold_s = time.perf_counter() - started
+    del subspace  # its features (every posed pass) are not needed any more
     return evaluate_and_save(
         model, config, data, device, train_time,
         extra_config={"feature_dim": int(model.mean.numel()), "n_components": model.n_components},
+        extra_metrics={"out_of_fold_s": round(out_of_fold_s, 1)} if out_of_fold else None,
         out_of_fold=out_of_fold,
     )
 

@@ -4,7 +4,7 @@
 
 Training writes it (`write`, called at the end of `training.pipeline.evaluate_and_save`): the ROC curve of the
 test split with the deployed operating point, histograms of normal and anomalous test scores with the deployed
-threshold, the validation scores that set that threshold, and heatmaps of the worst misses and false alarms.
+threshold, the normal scores that set that threshold (validation, and DFM's out-of-fold training scores), and heatmaps of the worst misses and false alarms.
 Given bundles (an export, an INT8 bundle: their bundle.json carries torch / FP32 IR / INT8 IR metrics on the
 same test images), the precisions are tabled side by side. The HTML holds its figures as data URIs (no
 network, one file to mail); the PNGs lie beside it. Each figure carries what it plots as data attributes
@@ -300,8 +300,9 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}td:first-child
 figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{font-size:.9em;color:#555}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>Run folder <code>{html.escape(run_dir.name)}</code>; {html.escape(settings)}. The deployed threshold (raw image
-score {threshold:.6g}) was set on the validation split (normal images held out of training), never on the
-test split, which is only measured here.</p>
+score {threshold:.6g}) was set on {"the validation split (normal images held out of training)" if not out_of_fold.size
+    else "normal images only: the validation split (held out of training) and the training images, each scored by a fit without it"},
+never on the test split, which is only measured here.</p>
 <h2>Metrics per precision</h2>
 <div id="precisions" data-stages="{html.escape(json.dumps(table_data), quote=True)}">{table}</div>
 <p>{"Exported bundles measured on the same test images." if bundles else
@@ -310,7 +311,7 @@ test split, which is only measured here.</p>
 <h2>Test split</h2>
 {_figure(run_dir, "roc.png", "ROC curve of the test images; the dot is the deployed threshold", roc)}
 {_figure(run_dir, "scores.png", "Scores of normal and anomalous test images; red: the deployed threshold", histogram)}
-<h2>Validation scores</h2>
+<h2>{"Validation scores" if not out_of_fold.size else "Normal scores that set the threshold"}</h2>
 {_figure(run_dir, "validation.png", validation_caption, validation)}
 <h2>Worst misses and false alarms</h2>
 {_figure(run_dir, "examples.png", "Lowest-scoring defects and highest-scoring good parts of the test split; "
