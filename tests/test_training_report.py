@@ -141,25 +141,32 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path):
     assert result.stderr.strip().startswith("error: not a finished training run") and "\n" not in result.stderr.strip()
 
 
-def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report(tmp_path):
-    """One 'normal' validation image with a defect sets the threshold alone: training names it, the report circles it."""
+def train_with_a_planted_defect(tmp_path, role: str, index: int):
+    """`python -m training.dfm` on a generated category whose `role` ("train" or "validation") image `index` of the
+    default split has a black disc: returns that image, the command's result and its run folder."""
     from training.data.split import split_validation
     from training.data import load_category
     from training.data.synthetic import generate_synthetic_dataset
 
     root = generate_synthetic_dataset(tmp_path / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=8, seed=3)
-    _, validation = split_validation(load_category(root, "synthetic").train, fraction=0.15, seed=0)
-    planted = Path(validation[2].path)
+    train, validation = split_validation(load_category(root, "synthetic").train, fraction=0.15, seed=0)
+    planted = Path((train if role == "train" else validation)[index].path)
     image = cv2.imread(str(planted))
     cv2.circle(image, (32, 32), 10, (0, 0, 0), -1)
     cv2.imwrite(str(planted), image)
     result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
                     "--batch-size", "8", "--out", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-3000:]
-    warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
-    assert f"({planted})" in warning and "validation + out-of-fold training images (5 folds): 1 of 60 normal images scores" in warning
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
                    .removeprefix("report: ")).parent
+    return planted, result, run_dir
+
+
+def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report(tmp_path):
+    """One 'normal' validation image with a defect sets the threshold alone: training names it, the report circles it."""
+    planted, result, run_dir = train_with_a_planted_defect(tmp_path, "validation", 2)
+    warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
+    assert f"({planted})" in warning and "validation + out-of-fold training images (5 folds): 1 of 60 normal images scores" in warning
     fit = json.loads((run_dir / "metrics.json").read_text())["thresholds"]["fit"]
     assert fit["outliers"] == [2] and fit["threshold_without_outliers"] < fit["empirical_quantile"]
     page = (run_dir / "report.html").read_text()
@@ -170,23 +177,9 @@ def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report
 def test_a_defect_among_the_training_images_is_named_too(tmp_path):
     """Out-of-fold scores (DFM) reach the training images, which no validation score could: a defective one is named
     in the log and in the report, by the name split.json gives it."""
-    from training.data.split import split_validation
-    from training.data import load_category
-    from training.data.synthetic import generate_synthetic_dataset
-
-    root = generate_synthetic_dataset(tmp_path / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=8, seed=3)
-    train, _ = split_validation(load_category(root, "synthetic").train, fraction=0.15, seed=0)
-    planted = Path(train[5].path)
-    image = cv2.imread(str(planted))
-    cv2.circle(image, (32, 32), 10, (0, 0, 0), -1)
-    cv2.imwrite(str(planted), image)
-    result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
-                    "--batch-size", "8", "--out", str(tmp_path / "runs"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    planted, result, run_dir = train_with_a_planted_defect(tmp_path, "train", 5)
     warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)
     assert str(planted) in warning
-    run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
-                   .removeprefix("report: ")).parent
     split = json.loads((run_dir / "split.json").read_text())
     position = len(split["validation"]) + split["train"].index(str(planted))
     assert position in json.loads((run_dir / "metrics.json").read_text())["thresholds"]["fit"]["outliers"]
