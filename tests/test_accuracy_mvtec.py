@@ -49,5 +49,7 @@ def test_deployed_threshold_keeps_its_false_positive_promise(fixture, request):
     metrics = metrics_of(request.getfixturevalue(fixture))
     target = metrics["thresholds"]["target_fpr"]
     assert metrics["fpr_deployed"] <= 3 * target, metrics
-    run = request.getfixturevalue(fixture)
-    assert metrics["thresholds"]["fit"]["n"] == len(json.loads((run / "split.json").read_text())["validation"])
+    split = json.loads((request.getfixturevalue(fixture) / "split.json").read_text())
+    fit = metrics["thresholds"]["fit"]
+    # the defaults fit it on the validation images alone (DFM's --threshold-folds is an option, docs/TRAINING.md round 16)
+    assert "out_of_fold" not in fit and fit["n"] == len(split["validation"])

@@ -25,7 +25,7 @@ def test_a_lever_key_leaves_out_later_options_at_their_old_behaviour():
 
     assert levers.BASELINES["dfm"]["threshold_folds"] == 0
     assert "threshold_folds" not in json.loads(levers._key(DfmConfig(category="screw", **levers.BASELINES["dfm"])))
-    assert json.loads(levers._key(DfmConfig(category="screw")))["threshold_folds"] == 5
+    assert json.loads(levers._key(DfmConfig(category="screw", threshold_folds=5)))["threshold_folds"] == 5
 
 
 def test_greedy_sweep_keeps_only_gains_above_the_margin_and_reuses_runs(synthetic_root, tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(sy
     """The recorded out-of-fold scores are what a PCA fitted without each fold gives (scaled); the in-sample
     scores of the final PCA are lower; the threshold's fit covers both sets; --threshold-folds 0 keeps the old way."""
     config = DfmConfig(category="synthetic", data_root=str(synthetic_root), image_size=64, batch_size=8,
-                       out=str(tmp_path / "runs"), posed_copies=1)
+                       out=str(tmp_path / "runs"), posed_copies=1, threshold_folds=5)
     run = dfm.train(config)
     metrics = json.loads((run / "metrics.json").read_text())
     split = json.loads((run / "split.json").read_text())

@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     # 60 normal training images: the 15 % validation split holds enough to set a threshold
     root = generate_synthetic_dataset(work / "data", image_size=64, n_train=60, n_test_good=6, n_test_defect=8, seed=3)
     result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
-                    "--batch-size", "8", "--out", str(work / "runs"))
+                    "--batch-size", "8", "--out", str(work / "runs"), "--threshold-folds", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("report: "))
     report = Path(line.removeprefix("report: "))
@@ -101,7 +101,7 @@ def test_histograms_roc_and_validation_match_the_run(run):
     assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(metrics["image_auroc"], abs=1e-5)
     assert roc["point-fpr"] == pytest.approx(metrics["fpr_deployed"])
     assert roc["point-tpr"] == pytest.approx(metrics["recall_deployed"])
-    # the threshold was fitted on the validation images and, by default, the training images' out-of-fold scores
+    # the threshold was fitted on the validation images and (--threshold-folds 5) the training images' out-of-fold scores
     fit = metrics["thresholds"]["fit"]
     assert len(validation["scores"]) == len(split["validation"]) + len(split["train"]) == fit["n"]
     assert validation["scores"][len(split["validation"]):] == pytest.approx(fit["out_of_fold"]["scores"], rel=1e-5)
@@ -155,7 +155,7 @@ def train_with_a_planted_defect(tmp_path, role: str, index: int):
     cv2.circle(image, (32, 32), 10, (0, 0, 0), -1)
     cv2.imwrite(str(planted), image)
     result = python("-m", "training.dfm", "--data-root", str(root), "--category", "synthetic", "--image-size", "64",
-                    "--batch-size", "8", "--out", str(tmp_path / "runs"))
+                    "--batch-size", "8", "--out", str(tmp_path / "runs"), "--threshold-folds", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("report: "))
                    .removeprefix("report: ")).parent

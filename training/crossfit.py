@@ -4,7 +4,7 @@ Why: a tolerance bound on the 30 validation scores of a 200-image category leans
 draw holds a rare part, far above it (docs/TRAINING.md, rounds 15-16). DFM's PCA explains its own training images far
 better than new ones, so their in-sample scores say nothing about unseen parts. Refitted K times, each time without
 one fold of the training images, it scores that fold as it would score new parts, and the threshold sees 200 normal
-scores instead of 30. A fit on (K-1)/K of the images explains new ones a little worse than the final fit, so each
+scores instead of 30 (an option, `--threshold-folds`; why not the default: round 16). A fit on (K-1)/K of the images explains new ones a little worse than the final fit, so each
 fold's scores are put on the final model's scale by their scores on the validation images, which neither fit saw
 (`_to_final_scale`). The final model is unchanged. Not for STFPM: its student cannot be refitted without K more
 trainings, and keeping it lets the out-of-fold tail fall short of held-out images' (round 16).
