@@ -116,8 +116,6 @@ def _rescore(base_run: Path, config) -> Path:
     keep = {k: base_metrics[k] for k in ("best_epoch", "history") if k in base_metrics}
     # The fitted shapes the base run recorded (DFM's PCA, STFPM's subspace term) make the new run loadable too.
     fitted = {k: v for k, v in read_json(base_run, "config.json").items() if k not in config.to_dict()}
-    if config.algorithm == "dfm":  # the base run's PCA is reused as it is: the rescored threshold is validation's alone
-        config = replace(config, threshold_folds=0)
     return evaluate_and_save(model, config, data, device, base_metrics.get("train_time_s", 0.0),
                              extra_config=fitted, extra_metrics={**keep, "rescored_from": str(base_run)})
 

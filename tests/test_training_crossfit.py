@@ -37,8 +37,11 @@ def toy_data(n_train: int, n_validation: int):
 
 
 def batches_of(samples):
+    """Batches as training's loaders give them (training.predict reads every key)."""
     images = torch.stack([torch.full((3, 4, 4), float(sample.index)) for sample in samples])
-    return [{"image": images[i:i + 3]} for i in range(0, len(images), 3)]
+    return [{"image": images[i:i + 3], "label": torch.zeros(len(images[i:i + 3]), dtype=torch.long),
+             "mask": torch.zeros(len(images[i:i + 3]), 1, 4, 4), "has_mask": [False] * len(images[i:i + 3]),
+             "path": [str(sample.path) for sample in samples[i:i + 3]]} for i in range(0, len(images), 3)]
 
 
 def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_comes_back():

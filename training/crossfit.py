@@ -4,9 +4,9 @@ Why: a tolerance bound on the 30 validation scores of a 200-image category leans
 draw holds a rare part, far above it (docs/TRAINING.md, rounds 15-16). DFM's PCA explains its own training images far
 better than new ones, so their in-sample scores say nothing about unseen parts. Refitted K times, each time without
 one fold of the training images, it scores that fold as it would score new parts, and the threshold sees 200 normal
-scores instead of 30 (an option, `--threshold-folds`; why not the default: round 16). A fit on (K-1)/K of the images explains new ones a little worse than the final fit, so each
-fold's scores are put on the final model's scale by their scores on the validation images, which neither fit saw
-(`_to_final_scale`). The final model is unchanged. Not for STFPM: its student cannot be refitted without K more
+scores instead of 30 (an option, `--threshold-folds`; why not the default: round 16). A fit on (K-1)/K of the images
+explains new ones a little worse than the final fit, so each fold's scores are put on the final model's scale by
+their scores on the validation images, which neither fit saw (`_to_final_scale`). The final model is unchanged. Not for STFPM: its student cannot be refitted without K more
 trainings, and keeping it lets the out-of-fold tail fall short of held-out images' (round 16).
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from training.predict import predict
 
 log = logging.getLogger("training")
 
@@ -62,12 +64,6 @@ def subspace_term(model, features: np.ndarray, owners: np.ndarray, variance_rati
     return RefittableTerm("PCA", refit, restore)
 
 
-@torch.no_grad()
-def _scores(model, batches, device: torch.device) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(batch["image"].to(device))[1].float().cpu() for batch in batches]).numpy().astype(np.float64)
-
-
 def check_folds(folds: int, n_train: int) -> None:
     """Before any fitting: a bad count is a one-line error, not a traceback after minutes of work."""
     if folds != 0 and not 2 <= folds <= n_train:
@@ -84,14 +80,15 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     n = len(data.train)
     check_folds(folds, n)
     order = np.random.default_rng(config.validation_seed).permutation(n)
-    validation = _scores(model, make_loader(data.validation), device)
+    validation = _scores(model, make_loader(data.validation), device, "validation")
     scores, adjustments = np.empty(n), []
     try:
         for held_out in tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}", unit="fold", leave=False):
             term.refit(held_out)
-            adjust = _to_final_scale(validation, _scores(model, make_loader(data.validation), device), additive)
+            adjust = _to_final_scale(validation, _scores(model, make_loader(data.validation), device, "validation"),
+                                     additive)
             adjustments.append(adjust)
-            fold_scores = _scores(model, make_loader([data.train[i] for i in held_out]), device)
+            fold_scores = _scores(model, make_loader([data.train[i] for i in held_out]), device, "held-out fold")
             scores[held_out] = fold_scores * adjust["ratio"] + adjust["shift"]
     finally:
         term.restore()
@@ -99,6 +96,10 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
              "fit's scale by the validation images): median %.4g, validation images %.4g", n, term.name, folds,
              float(np.median(scores)), float(np.median(validation)))
     return OutOfFold(scores, [str(sample.path) for sample in data.train], folds, adjustments)
+
+
+def _scores(model, batches, device: torch.device, desc: str) -> np.ndarray:
+    return predict(model, batches, device, desc=desc).scores.astype(np.float64)
 
 
 def _to_final_scale(final: np.ndarray, fold: np.ndarray, additive: bool) -> dict:
