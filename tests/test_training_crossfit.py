@@ -53,6 +53,7 @@ def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_com
     def refit(held_out):
         held_out_sets.append(set(held_out.tolist()))
         model.fitted = everything - set(held_out.tolist())
+        return model
 
     def restore():
         model.fitted = set(everything)
@@ -83,6 +84,7 @@ def test_a_failing_refit_still_puts_the_final_fit_back():
         if len(calls) == 2:
             raise RuntimeError("the PCA did not converge")
         model.fitted = set(range(9)) - set(held_out.tolist())
+        return model
 
     term = crossfit.RefittableTerm("memorizer", refit, lambda: setattr(model, "fitted", set(range(9))))
     with pytest.raises(RuntimeError, match="did not converge"):
@@ -104,7 +106,9 @@ def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validati
             return torch.zeros(len(index), 1, 4, 4), self.gain * (1.0 + (index % 3))
 
     model = Scaled()
-    term = crossfit.RefittableTerm("scaled", lambda held_out: setattr(model, "gain", 1.25), lambda: setattr(model, "gain", 1.0))
+    fold_model = Scaled()
+    fold_model.gain = 1.25
+    term = crossfit.RefittableTerm("scaled", lambda held_out: fold_model, lambda: None)
     result = crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=2, validation_seed=0),
                                          torch.device("cpu"), batches_of)
     assert [a["ratio"] for a in result.adjustments] == pytest.approx([0.8, 0.8])
@@ -146,23 +150,57 @@ def test_dfm_fits_its_threshold_on_validation_and_out_of_fold_training_scores(sy
     assert plain_fit["source"] == "validation"
 
 
-@pytest.mark.parametrize("value,message", [("1", "--threshold-folds must be 0 (off) or between 2 and the 34 training images, got 1"),
-                                           ("99", "between 2 and the 34 training images, got 99"), ("-1", "must be 0 (off) or between 2 and")])
-def test_bad_fold_counts_are_one_line_errors(synthetic_root, tmp_path, value, message):
-    result = subprocess.run([sys.executable, "-m", "training.dfm", "--category", "synthetic", "--data-root",
-                             str(synthetic_root), "--out", str(tmp_path), "--image-size", "64", "--posed-copies", "0",
+@pytest.mark.parametrize("algorithm,value,message", [
+    ("dfm", "1", "--threshold-folds must be 0 (off) or between 2 and the 34 training images, got 1"),
+    ("dfm", "99", "between 2 and the 34 training images, got 99"), ("dfm", "-1", "must be 0 (off) or between 2 and"),
+    ("stfpm", "1", "--threshold-folds must be 0 (off) or between 2 and the 34 training images, got 1")])
+def test_bad_fold_counts_are_one_line_errors(synthetic_root, tmp_path, algorithm, value, message):
+    result = subprocess.run([sys.executable, "-m", f"training.{algorithm}", "--category", "synthetic", "--data-root",
+                             str(synthetic_root), "--out", str(tmp_path), "--image-size", "64",
+                             *(["--posed-copies", "0"] if algorithm == "dfm" else ["--epochs", "1"]),
                              "--threshold-folds", value], capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any fitting: no run folder
 
 
-def test_stfpm_keeps_the_validation_scores_alone(synthetic_root, tmp_path):
-    """Its student cannot be refitted without retraining it (docs/TRAINING.md, round 16)."""
-    run = stfpm.train(StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64,
-                                  batch_size=8, out=str(tmp_path / "runs")))
-    thresholds = json.loads((run / "metrics.json").read_text())["thresholds"]
-    assert thresholds["source"] == "validation" and "out_of_fold" not in thresholds["fit"]
-    assert not hasattr(StfpmConfig, "threshold_folds")
+def test_stfpm_retrains_everything_without_each_fold_and_keeps_the_final_model(synthetic_root, tmp_path, monkeypatch):
+    """The student has seen its training images' rare parts as the subspace term has (round 16): each fold's model
+    is trained from scratch on the other folds' images, and the run's own model is the one trained on all of them."""
+    config = StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64, batch_size=8,
+                         out=str(tmp_path / "runs"), threshold_folds=3)
+    fitted_on = []
+    real_fit = stfpm.fit
+
+    def recording_fit(config, data, device):
+        fitted_on.append({str(sample.path) for sample in data.train})
+        return real_fit(config, data, device)
+
+    monkeypatch.setattr(stfpm, "fit", recording_fit)
+    run = stfpm.train(config)
+    metrics = json.loads((run / "metrics.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    record = metrics["thresholds"]["fit"]["out_of_fold"]
+    train = set(split["train"])
+    assert fitted_on[0] == train and len(fitted_on) == 4  # the final model first, then one per fold
+    held_out = [train - kept for kept in fitted_on[1:]]
+    assert all(kept < train for kept in fitted_on[1:]) and set().union(*held_out) == train
+    assert sum(len(h) for h in held_out) == len(train)  # each training image held out exactly once
+    assert record["paths"] == split["train"] and metrics["thresholds"]["fit"]["n"] == len(split["validation"]) + len(train)
+    assert len(record["adjustments"]) == 3 and all(a["ratio"] > 0 and a["shift"] == 0 for a in record["adjustments"])
+    assert metrics["out_of_fold_s"] > 0
+
+    monkeypatch.setattr(stfpm, "fit", real_fit)
+    plain = stfpm.train(StfpmConfig(**{**config.to_dict(), "threshold_folds": 0}))
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert plain_metrics["image_auroc"] == metrics["image_auroc"]  # the fold fits leave the run's model as it was
+    assert plain_metrics["thresholds"]["source"] == "validation" and "out_of_fold" not in plain_metrics["thresholds"]["fit"]
+    from training.pipeline import loader, prepare_data
+    from training.predict import predict
+
+    data = prepare_data(config)
+    scores = [predict(load_model(r)[0], loader(data.test, data, config), torch.device("cpu")).scores for r in (run, plain)]
+    np.testing.assert_array_equal(*scores)
 
 
 def test_int8_calibration_carries_the_out_of_fold_scores_by_the_validation_line():

@@ -6,8 +6,9 @@ better than new ones, so their in-sample scores say nothing about unseen parts. 
 one fold of the training images, it scores that fold as it would score new parts, and the threshold sees 200 normal
 scores instead of 30 (an option, `--threshold-folds`; why not the default: round 16). A fit on (K-1)/K of the images
 explains new ones a little worse than the final fit, so each fold's scores are put on the final model's scale by
-their scores on the validation images, which neither fit saw (`_to_final_scale`). The final model is unchanged. Not for STFPM: its student cannot be refitted without K more
-trainings, and keeping it lets the out-of-fold tail fall short of held-out images' (round 16).
+their scores on the validation images, which neither fit saw (`_to_final_scale`). The final model is unchanged.
+STFPM's student has seen its training images' rare parts too: keeping it and refitting only the subspace term left
+the out-of-fold tail short of held-out images' (round 16), so STFPM retrains the whole model per fold (round 17).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ log = logging.getLogger("training")
 
 @dataclass
 class RefittableTerm:
-    """A fitted term that can be refitted without some training images, and put back as the final fit."""
+    """What can be fitted again without some training images, and the final fit put back."""
 
     name: str
-    refit: Callable[[np.ndarray], None]  # refit without these training images (indices into data.train)
+    # fits without these training images (indices into data.train); returns the model that scores them
+    refit: Callable[[np.ndarray], torch.nn.Module]
     restore: Callable[[], None]
 
 
@@ -53,9 +55,9 @@ def subspace_term(model, features: np.ndarray, owners: np.ndarray, variance_rati
     """A DFM's PCA refitted on the `features` rows whose image (`owners`) is not held out."""
     final = {name: getattr(model, name).clone() for name in ("mean", "components", "variances")}
 
-    def refit(held_out: np.ndarray) -> None:
+    def refit(held_out: np.ndarray) -> torch.nn.Module:
         model.fit(features[~np.isin(owners, held_out)], variance_ratio=variance_ratio)
-        model.to(device)
+        return model.to(device)
 
     def restore() -> None:
         for name, value in final.items():
@@ -83,16 +85,20 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     validation = _scores(model, make_loader(data.validation), device, "validation")
     scores, adjustments = np.empty(n), []
     try:
-        for held_out in tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}", unit="fold", leave=False):
-            term.refit(held_out)
-            adjust = _to_final_scale(validation, _scores(model, make_loader(data.validation), device, "validation"),
+        for fold, held_out in enumerate(tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}",
+                                             unit="fold", leave=False), start=1):
+            log.info("out-of-fold fit %d of %d: %s without %d of the %d training images", fold, folds, term.name,
+                     len(held_out), n)
+            fold_model = term.refit(held_out)
+            adjust = _to_final_scale(validation, _scores(fold_model, make_loader(data.validation), device, "validation"),
                                      additive)
             adjustments.append(adjust)
-            fold_scores = _scores(model, make_loader([data.train[i] for i in held_out]), device, "held-out fold")
+            fold_scores = _scores(fold_model, make_loader([data.train[i] for i in held_out]), device, "held-out fold")
             scores[held_out] = fold_scores * adjust["ratio"] + adjust["shift"]
+            del fold_model
     finally:
         term.restore()
-    log.info("out-of-fold scores of the %d training images (%s refitted %d times without each fold, put on the final "
+    log.info("out-of-fold scores of the %d training images (%s fitted %d times without each fold, put on the final "
              "fit's scale by the validation images): median %.4g, validation images %.4g", n, term.name, folds,
              float(np.median(scores)), float(np.median(validation)))
     return OutOfFold(scores, [str(sample.path) for sample in data.train], folds, adjustments)

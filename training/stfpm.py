@@ -6,14 +6,16 @@ import copy
 import logging
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import DfmConfig, StfpmConfig, TrainConfig, parse_config, parse_taps
+from training.crossfit import RefittableTerm, check_folds, out_of_fold_scores
 from training.dfm import fit_subspace
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
@@ -166,7 +168,8 @@ def training_batches(data, config: StfpmConfig, device: torch.device):
     return on_device
 
 
-def train(config: StfpmConfig) -> Path:
+def check_config(config: StfpmConfig) -> None:
+    """Every setting, before any data is read: a bad one is a one-line error, not a traceback minutes in."""
     if config.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
     if config.select not in SELECTIONS:
@@ -194,9 +197,18 @@ def train(config: StfpmConfig) -> Path:
         raise ValueError("--memory-fusion score needs --memory-weight > 0 (it says how the memory term joins the score)")
     if config.map_combine not in COMBINES:
         raise ValueError(f"--map-combine must be one of {', '.join(COMBINES)}, got {config.map_combine!r}")
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    data = prepare_data(config)
+
+
+@dataclass
+class Fitted:
+    model: StfpmModel
+    train_time_s: float
+    metrics: dict  # kept epoch and history, for metrics.json
+    config: dict | None  # the fitted terms' records, for config.json
+
+
+def fit(config: StfpmConfig, data, device: torch.device) -> Fitted:
+    """Train the student and fit the terms on data.train; data.validation picks the epoch and sets the term scales."""
     model = build_model(config).to(device)
     optimizer = torch.optim.SGD(
         model.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -261,7 +273,36 @@ def train(config: StfpmConfig) -> Path:
     log.info("kept epoch %d (validation loss %.4f%s)", best_epoch, kept["validation_loss"],
              f", synthetic AUROC {kept['synthetic_validation_auroc']:.3f}" if synthetic_batches else "")
     extra = {"best_epoch": best_epoch, "best_validation_loss": kept["validation_loss"], "history": history}
-    return evaluate_and_save(model, config, data, device, train_time, extra_metrics=extra, extra_config=extra_config)
+    return Fitted(model, train_time, extra, extra_config)
+
+
+def retrained_without(config: StfpmConfig, data, device: torch.device) -> RefittableTerm:
+    """The whole model fitted again without some training images, for their out-of-fold scores: the student has seen
+    its training images' rare parts as the subspace term has, so keeping it leaves their tail short (round 16). Each
+    fold starts from the run's seed, as the final model did."""
+
+    def refit(held_out: np.ndarray) -> torch.nn.Module:
+        seed_everything(config.seed)
+        dropped = set(held_out.tolist())
+        kept = [sample for i, sample in enumerate(data.train) if i not in dropped]
+        return fit(config, replace(data, train=kept), device).model
+
+    return RefittableTerm("student and fitted terms", refit, lambda: None)
+
+
+def train(config: StfpmConfig) -> Path:
+    check_config(config)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    data = prepare_data(config)
+    check_folds(config.threshold_folds, len(data.train))
+    fitted = fit(config, data, device)
+    started = time.perf_counter()
+    out_of_fold = out_of_fold_scores(fitted.model, retrained_without(config, data, device), data, config, device,
+                                     lambda samples: loader(samples, data, config))
+    extra_metrics = {**fitted.metrics, **({"out_of_fold_s": round(time.perf_counter() - started, 1)} if out_of_fold else {})}
+    return evaluate_and_save(fitted.model, config, data, device, fitted.train_time_s, extra_metrics=extra_metrics,
+                             extra_config=fitted.config, out_of_fold=out_of_fold)
 
 
 def main(argv: list[str] | None = None) -> int:
