@@ -16,7 +16,9 @@ memory and scales); `--memory-fusions` scores a memory-term run with the other w
 score too (`StfpmModel.memory_fusion`). `--run-scoring-only` keeps the run's own taps, combine, score and sigma, so
 the weight and fusion variants take minutes. `--synthetic-copies N` draws N defective copies of each validation
 image (each its own seed and kind; default: as many as the run's own signal, 1 for runs before the setting), so the
-synthetic recall moves in steps of 1/(validation images x N).
+synthetic recall moves in steps of 1/(validation images x N). Every variant's threshold is fitted on the validation
+scores alone: a run trained with `--threshold-folds` also fitted its own on out-of-fold training scores, which
+would need its fold models again, so its deployed columns here differ from its metrics.json.
 `--memory-fractions` / `--memory-seeds` refit a memory-term run's memory (`training.stfpm.fit_memory`: the coreset's
 size and seed; same student) for each combination and score every variant with each, to see how much of a memory
 run's result is its coreset draw (the student's and subspace's maps and each image's memory patches are taken once;

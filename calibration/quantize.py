@@ -8,7 +8,7 @@ the split training used, reproduced from bundle.json's seed and fraction or read
 run's split.json with --run-dir), never test images. Afterwards the INT8 IR is re-measured
 on the test split beside the FP32 IR, the thresholds are recomputed from the INT8 model's
 validation outputs (INT8 shifts raw values a little, and the runtime compares raw values
-with bundle.json's thresholds; a DFM's out-of-fold training scores join them, carried over
+with bundle.json's thresholds; a run's out-of-fold training scores join them, carried over
 from FP32 by the line through the paired validation scores), and single-frame latency FP32 vs INT8 is recorded: INT8
 only pays off if it keeps accuracy *and* is faster.
 """
@@ -167,7 +167,7 @@ def _check_config(config: QuantizeConfig) -> None:
 def carried_out_of_fold(fp32_record: dict | None, fp32_validation: np.ndarray, int8_validation: np.ndarray) -> dict | None:
     """The FP32 threshold's out-of-fold training scores (training.crossfit) on the INT8 model's scale; None without.
 
-    The PCA cannot be refitted here, so the FP32 scores are carried by the line through the paired validation scores
+    The fold models cannot be refitted here, so the FP32 scores are carried by the line through the paired validation scores
     (INT8 moves raw values a little, in step: Spearman >= 0.95 is a target). A line, not crossfit's ratio of means:
     here every validation image has both scores, and quantization can shift them as well as scale them."""
     if not fp32_record or not fp32_record.get("scores"):

@@ -51,5 +51,5 @@ def test_deployed_threshold_keeps_its_false_positive_promise(fixture, request):
     assert metrics["fpr_deployed"] <= 3 * target, metrics
     split = json.loads((request.getfixturevalue(fixture) / "split.json").read_text())
     fit = metrics["thresholds"]["fit"]
-    # the defaults fit it on the validation images alone (DFM's --threshold-folds is an option, docs/TRAINING.md round 16)
+    # the defaults fit it on the validation images alone (--threshold-folds is an option, docs/TRAINING.md rounds 16-17)
     assert "out_of_fold" not in fit and fit["n"] == len(split["validation"])

@@ -51,7 +51,7 @@ def test_a_folder_without_scores_is_one_line(tmp_path, capsys):
 
 
 def test_out_of_fold_scores_join_every_draw_and_the_run_is_measured_without_them_too(tmp_path, capsys):
-    """A run whose threshold also saw its training images' out-of-fold scores (DFM): with a rare high mode among the
+    """A run whose threshold also saw its training images' out-of-fold scores: with a rare high mode among the
     training images, every draw's threshold rises above it, which 30 validation scores alone miss."""
     rng = np.random.default_rng(1)
     folder = fake_run(tmp_path / "with_oof", rng.lognormal(0.0, 0.3, 100))

@@ -168,12 +168,13 @@ def test_stfpm_retrains_everything_without_each_fold_and_keeps_the_final_model(s
     """The student has seen its training images' rare parts as the subspace term has (round 16): each fold's model
     is trained from scratch on the other folds' images, and the run's own model is the one trained on all of them."""
     config = StfpmConfig(category="synthetic", data_root=str(synthetic_root), epochs=1, image_size=64, batch_size=8,
-                         out=str(tmp_path / "runs"), threshold_folds=3)
-    fitted_on = []
+                         out=str(tmp_path / "runs"), threshold_folds=3, memory_weight=1, device="cpu")
+    fitted_on, rng_states = [], []
     real_fit = stfpm.fit
 
     def recording_fit(config, data, device):
         fitted_on.append({str(sample.path) for sample in data.train})
+        rng_states.append(torch.random.get_rng_state())
         return real_fit(config, data, device)
 
     monkeypatch.setattr(stfpm, "fit", recording_fit)
@@ -189,6 +190,8 @@ def test_stfpm_retrains_everything_without_each_fold_and_keeps_the_final_model(s
     assert record["paths"] == split["train"] and metrics["thresholds"]["fit"]["n"] == len(split["validation"]) + len(train)
     assert len(record["adjustments"]) == 3 and all(a["ratio"] > 0 and a["shift"] == 0 for a in record["adjustments"])
     assert metrics["out_of_fold_s"] > 0
+    # every fold's student starts from the run's seed, as the final model's did
+    assert all(torch.equal(state, rng_states[0]) for state in rng_states[1:])
 
     monkeypatch.setattr(stfpm, "fit", real_fit)
     plain = stfpm.train(StfpmConfig(**{**config.to_dict(), "threshold_folds": 0}))

@@ -175,7 +175,7 @@ def test_a_defect_among_the_validation_images_is_named_in_the_log_and_the_report
 
 
 def test_a_defect_among_the_training_images_is_named_too(tmp_path):
-    """Out-of-fold scores (DFM) reach the training images, which no validation score could: a defective one is named
+    """Out-of-fold scores reach the training images, which no validation score could: a defective one is named
     in the log and in the report, by the name split.json gives it."""
     planted, result, run_dir = train_with_a_planted_defect(tmp_path, "train", 5)
     warning = next(line for line in result.stderr.splitlines() if "beyond the tail" in line)

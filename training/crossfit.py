@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training.predict import predict
 
@@ -85,17 +86,19 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     validation = _scores(model, make_loader(data.validation), device, "validation")
     scores, adjustments = np.empty(n), []
     try:
-        for fold, held_out in enumerate(tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}",
-                                             unit="fold", leave=False), start=1):
-            log.info("out-of-fold fit %d of %d: %s without %d of the %d training images", fold, folds, term.name,
-                     len(held_out), n)
-            fold_model = term.refit(held_out)
-            adjust = _to_final_scale(validation, _scores(fold_model, make_loader(data.validation), device, "validation"),
-                                     additive)
-            adjustments.append(adjust)
-            fold_scores = _scores(fold_model, make_loader([data.train[i] for i in held_out]), device, "held-out fold")
-            scores[held_out] = fold_scores * adjust["ratio"] + adjust["shift"]
-            del fold_model
+        with logging_redirect_tqdm():  # the fold fits log while the fold bar is open
+            for fold, held_out in enumerate(tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}",
+                                                 unit="fold", leave=False), start=1):
+                log.info("out-of-fold fit %d of %d: %s without %d of the %d training images", fold, folds, term.name,
+                         len(held_out), n)
+                fold_model = term.refit(held_out)
+                fold_validation = _scores(fold_model, make_loader(data.validation), device, "validation")
+                adjust = _to_final_scale(validation, fold_validation, additive)
+                adjustments.append(adjust)
+                held_out_batches = make_loader([data.train[i] for i in held_out])
+                fold_scores = _scores(fold_model, held_out_batches, device, "held-out fold")
+                scores[held_out] = fold_scores * adjust["ratio"] + adjust["shift"]
+                del fold_model
     finally:
         term.restore()
     log.info("out-of-fold scores of the %d training images (%s fitted %d times without each fold, put on the final "

@@ -4,7 +4,7 @@
 
 Training writes it (`write`, called at the end of `training.pipeline.evaluate_and_save`): the ROC curve of the
 test split with the deployed operating point, histograms of normal and anomalous test scores with the deployed
-threshold, the normal scores that set that threshold (validation, and DFM's out-of-fold training scores), and heatmaps of the worst misses and false alarms.
+threshold, the normal scores that set that threshold (validation, and with `--threshold-folds` the training images' out-of-fold scores), and heatmaps of the worst misses and false alarms.
 Given bundles (an export, an INT8 bundle: their bundle.json carries torch / FP32 IR / INT8 IR metrics on the
 same test images), the precisions are tabled side by side. The HTML holds its figures as data URIs (no
 network, one file to mail); the PNGs lie beside it. Each figure carries what it plots as data attributes
@@ -282,7 +282,7 @@ def render(run_dir: str | Path, bundles: list[str | Path] = ()) -> Path:
                                     outliers, n_validation=validation_scores.size)
     validation_caption = "Scores of the validation images that set the threshold" if not out_of_fold.size else \
         ("Scores of the normal images that set the threshold: the validation images, and the training images "
-         "scored by the fitted terms refitted without them (out-of-fold)")
+         "each scored by a model fitted without it (out-of-fold)")
     if outliers:
         names = _fitted_names(run_dir, with_training=bool(out_of_fold.size))
         validation_caption += "; " + describe_outliers(thresholds["fit"], names if len(names) == fitted.size
