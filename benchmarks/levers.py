@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=["dfm", "stfpm"], choices=["dfm", "stfpm"])
     parser.add_argument("--out", default="runs/levers")
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--readme", type=Path, help="also splice the compact table between the README's levers markers")
+    parser.add_argument("--doc", "--readme", dest="doc", type=Path,
+                        help="also splice the compact table between the levers markers of this Markdown file "
+                             "(docs/TRAINING.md holds them)")
     parser.add_argument("--from-json", action="store_true", help="only rebuild the tables from results/levers.json")
     parser.add_argument("--no-train", action="store_true", help="reuse finished runs only; list the others as not measured")
     args = parser.parse_args(argv)
@@ -251,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads((results / "levers.json").read_text())
             header = (results / "levers.md").read_text().split("\n\n", 1)[0] + "\n"
             (results / "levers.md").write_text(header + "\n" + to_markdown(rows))
-            if args.readme:
-                splice_readme(args.readme, readme_block(rows, header), markers=README_MARKERS)
+            if args.doc:
+                splice_readme(args.doc, readme_block(rows, header), markers=README_MARKERS)
             return
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             (results / "levers.json").write_text(json.dumps(rows, indent=2))
             (results / "levers.md").write_text(header + to_markdown(rows))
             print(header + to_markdown(rows))
-            if args.readme:
-                splice_readme(args.readme, readme_block(rows, header), markers=README_MARKERS)
+            if args.doc:
+                splice_readme(args.doc, readme_block(rows, header), markers=README_MARKERS)
 
     return run_tool(work, (ValueError, FileNotFoundError, RunError))
 
