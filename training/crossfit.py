@@ -14,6 +14,7 @@ the out-of-fold tail short of held-out images' (round 16), so STFPM retrains the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class OutOfFold:
     paths: list[str]
     folds: int
     adjustments: list[dict] | None = None  # per fold: how its scores were put on the final fit's scale
+    seconds: float = 0.0  # the fold fits and their scoring: metrics.json's out_of_fold_s
 
     def record(self, validation_scores: np.ndarray) -> dict:
         """thresholds.fit["out_of_fold"]: enough to check the fit and for INT8 calibration to carry the scores over."""
@@ -82,6 +84,7 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
         return None
     n = len(data.train)
     check_folds(folds, n)
+    started = time.perf_counter()
     order = np.random.default_rng(config.validation_seed).permutation(n)
     validation = _scores(model, make_loader(data.validation), device, "validation")
     scores, adjustments = np.empty(n), []
@@ -104,7 +107,8 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     log.info("out-of-fold scores of the %d training images (%s fitted %d times without each fold, put on the final "
              "fit's scale by the validation images): median %.4g, validation images %.4g", n, term.name, folds,
              float(np.median(scores)), float(np.median(validation)))
-    return OutOfFold(scores, [str(sample.path) for sample in data.train], folds, adjustments)
+    return OutOfFold(scores, [str(sample.path) for sample in data.train], folds, adjustments,
+                     time.perf_counter() - started)
 
 
 def _scores(model, batches, device: torch.device, desc: str) -> np.ndarray:

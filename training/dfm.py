@@ -79,15 +79,12 @@ def train(config: DfmConfig) -> Path:
     started = time.perf_counter()
     subspace = fit_subspace(model, data, config, device)
     train_time = time.perf_counter() - started
-    started = time.perf_counter()
     out_of_fold = out_of_fold_scores(model, subspace, data, config, device, lambda samples: loader(samples, data, config),
                                      additive=config.score_type == "nll")
-    out_of_fold_s = time.perf_counter() - started
     del subspace  # its features (every posed pass) are not needed any more
     return evaluate_and_save(
         model, config, data, device, train_time,
         extra_config={"feature_dim": int(model.mean.numel()), "n_components": model.n_components},
-        extra_metrics={"out_of_fold_s": round(out_of_fold_s, 1)} if out_of_fold else None,
         out_of_fold=out_of_fold,
     )
 

@@ -164,6 +164,7 @@ def evaluate_and_save(
         "data_fingerprint": data.fingerprint,
         "device": str(device),
         "torch_version": torch.__version__,
+        **({"out_of_fold_s": round(out_of_fold.seconds, 1)} if out_of_fold is not None else {}),
         **{k: v for k, v in (extra_metrics or {}).items() if k != "synthetic_validation_auroc"},
     }
     split = {

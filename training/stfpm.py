@@ -297,11 +297,9 @@ def train(config: StfpmConfig) -> Path:
     data = prepare_data(config)
     check_folds(config.threshold_folds, len(data.train))
     fitted = fit(config, data, device)
-    started = time.perf_counter()
     out_of_fold = out_of_fold_scores(fitted.model, retrained_without(config, data, device), data, config, device,
                                      lambda samples: loader(samples, data, config))
-    extra_metrics = {**fitted.metrics, **({"out_of_fold_s": round(time.perf_counter() - started, 1)} if out_of_fold else {})}
-    return evaluate_and_save(fitted.model, config, data, device, fitted.train_time_s, extra_metrics=extra_metrics,
+    return evaluate_and_save(fitted.model, config, data, device, fitted.train_time_s, extra_metrics=fitted.metrics,
                              extra_config=fitted.config, out_of_fold=out_of_fold)
 
 
