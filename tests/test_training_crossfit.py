@@ -93,6 +93,37 @@ def test_a_failing_refit_still_puts_the_final_fit_back():
     assert model.fitted == set(range(9))
 
 
+def test_interrupted_folds_keep_the_final_model_with_a_validation_threshold(synthetic_root, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Ctrl-C during the fold fits (STFPM: K more trainings) must not throw away the final model trained before."""
+    calls = []
+
+    def interrupted_on_second_fold(model, *args):
+        term = crossfit.subspace_term(model, *args)
+        refit = term.refit
+
+        def refit_or_interrupt(held_out):
+            calls.append(len(held_out))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return refit(held_out)
+
+        return crossfit.RefittableTerm(term.name, refit_or_interrupt, term.restore)
+
+    monkeypatch.setattr(dfm, "subspace_term", interrupted_on_second_fold)
+    config = DfmConfig(category="synthetic", data_root=str(synthetic_root), image_size=64, batch_size=8,
+                       out=str(tmp_path / "runs"), posed_copies=1, threshold_folds=5)
+    with caplog.at_level("WARNING", logger="training"):
+        run = dfm.train(config)
+    assert len(calls) == 2
+    assert "interrupted during fold 2 of 5" in caplog.text
+    thresholds = json.loads((run / "metrics.json").read_text())["thresholds"]
+    assert thresholds["source"] == "validation" and "out_of_fold" not in thresholds["fit"]
+    plain = dfm.train(DfmConfig(**{**config.to_dict(), "threshold_folds": 0}))
+    plain_thresholds = json.loads((plain / "metrics.json").read_text())["thresholds"]
+    assert thresholds["image"] == pytest.approx(plain_thresholds["image"])  # the final PCA was put back
+
+
 def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validation_images():
     """A term fitted on fewer images explains new ones worse: the fold's scores are multiplied by the final over
     the fold fit's mean score on the validation images, which neither saw."""

@@ -122,7 +122,7 @@ HELP = {
     "variance_ratio": "share of feature variance the PCA keeps",
     "taps": "feature taps, comma list of 0, 1, 2 (stride 4, 8, 16), e.g. 1,2",
     "threshold_confidence": "probability that the image threshold holds target_fpr on unseen normal images",
-    "threshold_folds": "fit the image threshold on the training images' out-of-fold scores too, the model fitted this many more times, each without one fold (DFM refits its PCA; STFPM retrains student and terms: about K more trainings; the run folder is written after them); e.g. 5; 0, the default: validation scores only",
+    "threshold_folds": "fit the image threshold on the training images' out-of-fold scores too, the model fitted this many more times, each without one fold (DFM refits its PCA; STFPM retrains student and terms: about K more trainings, after the final model; interrupted with Ctrl-C, the run is written with a validation-only threshold); e.g. 5; 0, the default: validation scores only",
     "synthetic_copies": "defective copies of each validation image (each its own seed and defect kind) in the synthetic selection signal; more copies, a steadier signal (1: the signal of runs written before the setting)",
     "augment": "augment training images (not validation): comma list of rotate, hflip, vflip, or none",
     "smooth_sigma": "Gaussian blur of the anomaly map in model pixels before the image score (0: off)",

@@ -78,7 +78,8 @@ def check_folds(folds: int, n_train: int) -> None:
 def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.device, make_loader,
                        additive: bool = False) -> OutOfFold | None:
     """The training images' scores, each fold's by the term refitted without it (`config.threshold_folds`, 0: off).
-    `additive`: scores whose fold-to-fold change is an offset, not a scale (DFM's `nll` holds log-variance terms)."""
+    `additive`: scores whose fold-to-fold change is an offset, not a scale (DFM's `nll` holds log-variance terms).
+    None when off, or when the folds are interrupted (Ctrl-C): the run is then written with validation scores alone."""
     folds = config.threshold_folds
     if folds == 0:
         return None
@@ -102,6 +103,12 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
                 fold_scores = _scores(fold_model, held_out_batches, device, "held-out fold")
                 scores[held_out] = fold_scores * adjust["ratio"] + adjust["shift"]
                 del fold_model
+    except KeyboardInterrupt:
+        # The final model took minutes (STFPM) and is already fitted: keep it rather than lose it with the folds.
+        log.warning("out-of-fold fits interrupted during fold %d of %d: the image threshold is fitted on the "
+                    "validation scores alone; writing the run folder with the final model (Ctrl-C again to abort)",
+                    len(adjustments) + 1, folds)
+        return None
     finally:
         term.restore()
     log.info("out-of-fold scores of the %d training images (%s fitted %d times without each fold, put on the final "
