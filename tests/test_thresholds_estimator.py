@@ -126,7 +126,7 @@ def test_many_scores_with_a_heavy_tail_get_a_fitted_tail_that_keeps_the_promise(
         assert fit.method == "generalized Pareto tail bound" and fit.power is None
         fitted.append(rate(threshold))
         normal.append(rate(_tail_bound(scores, 0.01, 0.9, fitted_tail=False)[0]))
-    assert np.mean(fitted) <= 0.012 and np.mean(normal) >= np.mean(fitted) + 0.002, (np.mean(fitted), np.mean(normal))
+    assert 0.004 <= np.mean(fitted) <= 0.012 and np.mean(normal) >= np.mean(fitted) + 0.002, (np.mean(fitted), np.mean(normal))
     assert np.mean(np.array(fitted) <= 0.01) >= 0.45 > np.mean(np.array(normal) <= 0.01)
 
 
@@ -140,8 +140,9 @@ def test_the_fitted_tail_holds_on_light_tails_too_and_is_reproducible(name):
         threshold, fit = image_threshold(scores, target_fpr=0.01, confidence=0.9)
         fitted.append(true_fpr(threshold, rng))
     fitted = np.array(fitted)
-    assert np.mean(fitted) <= 0.01 and np.mean(fitted <= 0.01) >= 0.65, fitted
-    assert np.median(fitted) > 0.01 / 30, fitted  # not absurdly high either
+    # The mean rate at the target, and in most samples below it (nominally 90 %; on 26 exceedances about 70 %)...
+    assert np.mean(fitted) <= 0.01 and np.mean(fitted <= 0.01) >= 0.6, fitted
+    assert np.mean(fitted) >= 0.004, fitted  # ...but not far to the safe side: recall is what a high bound costs
     again, again_fit = image_threshold(scores, target_fpr=0.01, confidence=0.9)
     assert again == threshold and again_fit.tail == fit.tail  # the bootstrap is seeded
     record = fit.to_dict()
@@ -152,6 +153,27 @@ def test_few_scores_or_a_rate_beyond_the_fitted_share_keep_the_normal_bound():
     rng = np.random.default_rng(9)
     assert image_threshold(rng.normal(5.0, 1.0, GPD_MIN_SCORES - 1))[1].method.startswith("box-cox")
     assert image_threshold(rng.normal(5.0, 1.0, 300), target_fpr=0.1)[1].method.startswith("box-cox")
+
+
+def test_rounded_scores_whose_ties_leave_no_tail_keep_the_normal_bound():
+    """Scores rounded to whole units: the top 20 % is mostly ties with the tail's start, and a GPD fitted to zeros
+    would put the threshold one unit above it (6.7 % of normal scores over it instead of 1 %)."""
+    rng = np.random.default_rng(10)
+    scores = np.round(rng.normal(5.0, 1.0, 200))
+    threshold, fit = image_threshold(scores, 0.01, 0.9)
+    assert fit.method.startswith("box-cox") and threshold >= 7.0
+
+
+def test_a_bounded_tail_is_fitted_within_the_shapes_the_fit_allows():
+    """Uniform scores have a tail that ends (shape -1); the fit keeps its shape and scale together at the bound of
+    the allowed range, and the threshold lands near the true quantile instead of far beyond the largest score."""
+    rng = np.random.default_rng(11)
+    thresholds = []
+    for _ in range(20):
+        threshold, fit = image_threshold(rng.uniform(0.0, 1.0, 130), 0.01, 0.9)
+        assert fit.tail["shape"] >= -0.5
+        thresholds.append(threshold)
+    assert 0.97 <= np.median(thresholds) <= 1.1, thresholds
 
 
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))

@@ -87,9 +87,9 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     check_folds(folds, n)
     started = time.perf_counter()
     order = np.random.default_rng(config.validation_seed).permutation(n)
-    validation = _scores(model, make_loader(data.validation), device, "validation")
     scores, adjustments = np.empty(n), []
     try:
+        validation = _scores(model, make_loader(data.validation), device, "validation")
         with logging_redirect_tqdm():  # the fold fits log while the fold bar is open
             for fold, held_out in enumerate(tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}",
                                                  unit="fold", leave=False), start=1):
