@@ -254,7 +254,6 @@ def _tail_bound(scores, target_fpr: float, confidence: float,
     if not np.all(np.isfinite(scores)):
         raise ThresholdEstimateError("normal scores contain NaN or infinite values")
     empirical = float(np.quantile(scores, 1.0 - target_fpr))
-    k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
     p95 = float(np.quantile(scores, 0.95))
     if fitted_tail is None:
         fitted_tail = scores.size >= GPD_MIN_SCORES and target_fpr <= GPD_MAX_FPR
@@ -264,6 +263,7 @@ def _tail_bound(scores, target_fpr: float, confidence: float,
         fit = TailFit(method="generalized Pareto tail bound", n=int(scores.size), confidence=confidence, power=None,
                       empirical_quantile=empirical, p50=float(np.median(scores)), p95=p95, tail=tail)
         return threshold, fit
+    k = tolerance_factor(scores.size, 1.0 - target_fpr, confidence)
     if scores.min() > 0 and np.ptp(scores) > 0:
         # Positive scores (maps, distances, errors): Box-Cox on scores / median, exact for log-normal ones.
         transformed, median, lam = _box_cox_scale(scores)
@@ -314,9 +314,10 @@ def _fit_gpd(exceedances: np.ndarray) -> tuple[float, float]:
     return best_shape, best_scale
 
 
-def _gpd_quantile(start: float, shape: float, scale: float, tail_probability: float) -> float:
+def _gpd_quantile(start: float, shape: float, scale: float, tail_probability):
+    """The score exceeded with `tail_probability` (a float, or an array: the bootstrap draws by the same formula)."""
     if abs(shape) < 1e-9:
-        return start - scale * math.log(tail_probability)
+        return start - scale * np.log(tail_probability)
     return start + scale / shape * (tail_probability ** -shape - 1.0)
 
 
@@ -336,12 +337,11 @@ def _gpd_bound(scores: np.ndarray, target_fpr: float, confidence: float) -> tupl
     k = exceedances.size
     tail_probability = target_fpr * ordered.size / k
     shape, scale = _fit_gpd(exceedances)
-    estimate = _gpd_quantile(start, shape, scale, tail_probability)
+    estimate = float(_gpd_quantile(start, shape, scale, tail_probability))
     rng = np.random.default_rng(0)
     resampled = []
     for _ in range(GPD_BOOTSTRAP):
-        u = 1.0 - rng.random(k)  # in (0, 1]
-        draw = scale * (-np.log(u) if abs(shape) < 1e-9 else (u ** -shape - 1.0) / shape)
+        draw = _gpd_quantile(0.0, shape, scale, 1.0 - rng.random(k))  # inverse CDF of uniforms in (0, 1]
         draw = draw[draw > 0]
         resampled.append(_gpd_quantile(start, *_fit_gpd(draw), tail_probability) if draw.size >= 2 else start)
     bound = 2.0 * estimate - float(np.quantile(resampled, 1.0 - confidence))
