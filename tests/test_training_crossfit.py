@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from training import crossfit, dfm, stfpm
+from training import crossfit, dfm, pipeline, stfpm
 from training.config import DfmConfig, StfpmConfig
 from training.run_dir import load_model
 
@@ -44,6 +44,11 @@ def batches_of(samples):
              "path": [str(sample.path) for sample in samples[i:i + 3]]} for i in range(0, len(images), 3)]
 
 
+def final_scores(model, data):
+    """The final model's validation scores, as training passes them in."""
+    return crossfit._scores(model, batches_of(data.validation), torch.device("cpu"), "validation")
+
+
 def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_comes_back():
     data = toy_data(n_train=17, n_validation=5)
     everything = set(range(17))
@@ -60,18 +65,18 @@ def test_each_training_image_is_scored_by_a_fit_without_it_and_the_final_fit_com
 
     term = crossfit.RefittableTerm("memorizer", refit, restore)
     config = SimpleNamespace(threshold_folds=4, validation_seed=0)
-    result = crossfit.out_of_fold_scores(model, term, data, config, torch.device("cpu"), batches_of)
+    result = crossfit.out_of_fold_scores(term, data, config, torch.device("cpu"), batches_of, final_scores(model, data))
     # the in-sample score would be 1; every image's score is 2: no fold scored an image it was fitted on
     assert result.scores.tolist() == [2.0] * 17
     assert result.paths == [sample.path for sample in data.train] and result.folds == 4
     assert sorted(len(s) for s in held_out_sets) == [4, 4, 4, 5] and set().union(*held_out_sets) == everything
     assert result.adjustments == [{"ratio": 1.0, "shift": 0.0}] * 4  # the validation images score alike under every fit
     assert model.fitted == everything  # the final fit is back
-    assert crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=0, validation_seed=0),
-                                       torch.device("cpu"), batches_of) is None
+    assert crossfit.out_of_fold_scores(term, data, SimpleNamespace(threshold_folds=0, validation_seed=0),
+                                       torch.device("cpu"), batches_of, final_scores(model, data)) is None
     with pytest.raises(ValueError, match="between 2 and the 17 training images"):
-        crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=18, validation_seed=0),
-                                    torch.device("cpu"), batches_of)
+        crossfit.out_of_fold_scores(term, data, SimpleNamespace(threshold_folds=18, validation_seed=0),
+                                    torch.device("cpu"), batches_of, final_scores(model, data))
 
 
 def test_a_failing_refit_still_puts_the_final_fit_back():
@@ -88,8 +93,8 @@ def test_a_failing_refit_still_puts_the_final_fit_back():
 
     term = crossfit.RefittableTerm("memorizer", refit, lambda: setattr(model, "fitted", set(range(9))))
     with pytest.raises(RuntimeError, match="did not converge"):
-        crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=3, validation_seed=0),
-                                    torch.device("cpu"), batches_of)
+        crossfit.out_of_fold_scores(term, data, SimpleNamespace(threshold_folds=3, validation_seed=0),
+                                    torch.device("cpu"), batches_of, final_scores(model, data))
     assert model.fitted == set(range(9))
 
 
@@ -119,6 +124,7 @@ def test_interrupted_folds_keep_the_final_model_with_a_validation_threshold(synt
     assert "interrupted during fold 2 of 5" in caplog.text
     thresholds = json.loads((run / "metrics.json").read_text())["thresholds"]
     assert thresholds["source"] == "validation" and "out_of_fold" not in thresholds["fit"]
+    assert json.loads((run / "config.json").read_text())["threshold_folds"] == 0  # what the run holds, not what was asked
     plain = dfm.train(DfmConfig(**{**config.to_dict(), "threshold_folds": 0}))
     plain_thresholds = json.loads((plain / "metrics.json").read_text())["thresholds"]
     assert thresholds["image"] == pytest.approx(plain_thresholds["image"])  # the final PCA was put back
@@ -140,8 +146,8 @@ def test_a_fold_fit_that_scores_everything_higher_is_scaled_back_by_the_validati
     fold_model = Scaled()
     fold_model.gain = 1.25
     term = crossfit.RefittableTerm("scaled", lambda held_out: fold_model, lambda: None)
-    result = crossfit.out_of_fold_scores(model, term, data, SimpleNamespace(threshold_folds=2, validation_seed=0),
-                                         torch.device("cpu"), batches_of)
+    result = crossfit.out_of_fold_scores(term, data, SimpleNamespace(threshold_folds=2, validation_seed=0),
+                                         torch.device("cpu"), batches_of, final_scores(model, data))
     assert [a["ratio"] for a in result.adjustments] == pytest.approx([0.8, 0.8])
     assert result.scores == pytest.approx([1.0 + (i % 3) for i in range(10)])  # as the final fit scores new images
     # scores whose change is an offset (DFM's nll: log-variances) or that have no zero to scale from get a shift
@@ -209,6 +215,15 @@ def test_stfpm_retrains_everything_without_each_fold_and_keeps_the_final_model(s
         return real_fit(config, data, device)
 
     monkeypatch.setattr(stfpm, "fit", recording_fit)
+    validation_passes = []
+    real_predict = pipeline.predict
+
+    def counting_predict(model, batches, device, desc="predict"):
+        validation_passes.append(desc == "validation")
+        return real_predict(model, batches, device, desc=desc)
+
+    monkeypatch.setattr(pipeline, "predict", counting_predict)
+    monkeypatch.setattr(crossfit, "predict", counting_predict)
     run = stfpm.train(config)
     metrics = json.loads((run / "metrics.json").read_text())
     split = json.loads((run / "split.json").read_text())
@@ -221,6 +236,8 @@ def test_stfpm_retrains_everything_without_each_fold_and_keeps_the_final_model(s
     assert record["paths"] == split["train"] and metrics["thresholds"]["fit"]["n"] == len(split["validation"]) + len(train)
     assert len(record["adjustments"]) == 3 and all(a["ratio"] > 0 and a["shift"] == 0 for a in record["adjustments"])
     assert metrics["out_of_fold_s"] > 0
+    assert sum(validation_passes) == 1 + 3  # the final model's validation scores once (folds and threshold), each fold's once
+    assert json.loads((run / "config.json").read_text())["threshold_folds"] == 3
     # every fold's student starts from the run's seed, as the final model's did
     assert all(torch.equal(state, rng_states[0]) for state in rng_states[1:])
 

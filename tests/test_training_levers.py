@@ -159,6 +159,7 @@ def test_the_pca_sees_each_training_image_and_its_posed_copies(synthetic_root, p
     """--posed-copies sets how many randomly posed copies of each training image the PCA sees (with
     --augment only): pose coverage is what the subspace learns for parts that lie at any angle."""
     from training.config import DfmConfig
+    from training.crossfit import subspace_term
     from training.dfm import build_model, fit_subspace
     from training.pipeline import prepare_data
 
@@ -169,8 +170,9 @@ def test_the_pca_sees_each_training_image_and_its_posed_copies(synthetic_root, p
     seen = {}
     model.fit = lambda features, variance_ratio: seen.update(shape=features.shape, features=features)
     model.to = lambda device: model
-    term = fit_subspace(model, data, config, torch.device("cpu"))
+    features, owners = fit_subspace(model, data, config, torch.device("cpu"))
     assert seen["shape"][0] == passes * len(data.train)
+    term = subspace_term(model, features, owners, config.variance_ratio, torch.device("cpu"))
     rows_of = {i: seen["features"][[i + p * len(data.train) for p in range(passes)]] for i in range(len(data.train))}
     term.refit(np.array([0, 3]))  # the out-of-fold refit drops each held-out image's rows in every pass, and only those
     kept = seen["features"]

@@ -75,9 +75,10 @@ def check_folds(folds: int, n_train: int) -> None:
         raise ValueError(f"--threshold-folds must be 0 (off) or between 2 and the {n_train} training images, got {folds}")
 
 
-def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.device, make_loader,
-                       additive: bool = False) -> OutOfFold | None:
+def out_of_fold_scores(term: RefittableTerm, data, config, device: torch.device, make_loader,
+                       validation: np.ndarray, additive: bool = False) -> OutOfFold | None:
     """The training images' scores, each fold's by the term refitted without it (`config.threshold_folds`, 0: off).
+    `validation`: the final model's validation scores (the scale each fold's scores are put on).
     `additive`: scores whose fold-to-fold change is an offset, not a scale (DFM's `nll` holds log-variance terms).
     None when off, or when the folds are interrupted (Ctrl-C): the run is then written with validation scores alone."""
     folds = config.threshold_folds
@@ -88,8 +89,8 @@ def out_of_fold_scores(model, term: RefittableTerm, data, config, device: torch.
     started = time.perf_counter()
     order = np.random.default_rng(config.validation_seed).permutation(n)
     scores, adjustments = np.empty(n), []
+    validation = np.asarray(validation, np.float64)
     try:
-        validation = _scores(model, make_loader(data.validation), device, "validation")
         with logging_redirect_tqdm():  # the fold fits log while the fold bar is open
             for fold, held_out in enumerate(tqdm(np.array_split(order, folds), desc=f"out-of-fold {term.name}",
                                                  unit="fold", leave=False), start=1):

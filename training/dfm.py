@@ -13,11 +13,13 @@ from tqdm import tqdm
 
 from training.backbones import build_backbone
 from training.config import DfmConfig, parse_config, parse_taps
-from training.crossfit import RefittableTerm, check_folds, out_of_fold_scores, subspace_term
+from training.crossfit import check_folds, out_of_fold_scores, subspace_term
 from training.data.augment import Augmentation
 from training.models.dfm import DfmModel
 from training.models.image_score import image_score_from
-from training.pipeline import evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything
+from training.pipeline import (
+    evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything, validation_predictions,
+)
 
 log = logging.getLogger("training")
 
@@ -48,9 +50,10 @@ def collect_features(model: DfmModel, batches, device: torch.device, desc: str =
     return np.concatenate(chunks)
 
 
-def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device, input_transform=None) -> RefittableTerm:
-    """Fit the PCA on the training images (and posed copies with --augment); returns the term refittable without
-    some of them (training.crossfit), on the same features.
+def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device,
+                 input_transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the PCA on the training images (and posed copies with --augment). Returns the features and the training
+    image each row comes from, for refitting without some of them (training.crossfit).
 
     Shared by DFM and by STFPM's subspace term, which fits the same recipe on its teacher (on the images as
     its student sees them: `input_transform`)."""
@@ -60,11 +63,10 @@ def fit_subspace(model: DfmModel, data, config: DfmConfig, device: torch.device,
         passes += [collect_features(model, posed, device, desc=f"augmented pass {i + 1}", input_transform=input_transform)
                    for i in range(config.posed_copies)]
     features = np.concatenate(passes)
-    owners = np.tile(np.arange(len(data.train)), len(passes))
     model.fit(features, variance_ratio=config.variance_ratio)
     model.to(device)
     log.info("PCA on %d images x %d features kept %d components", *features.shape, model.n_components)
-    return subspace_term(model, features, owners, config.variance_ratio, device)
+    return features, np.tile(np.arange(len(data.train)), len(passes))
 
 
 def train(config: DfmConfig) -> Path:
@@ -77,15 +79,20 @@ def train(config: DfmConfig) -> Path:
     check_folds(config.threshold_folds, len(data.train))
     model = build_model(config).to(device).eval()
     started = time.perf_counter()
-    subspace = fit_subspace(model, data, config, device)
+    features, owners = fit_subspace(model, data, config, device)
     train_time = time.perf_counter() - started
-    out_of_fold = out_of_fold_scores(model, subspace, data, config, device, lambda samples: loader(samples, data, config),
-                                     additive=config.score_type == "nll")
-    del subspace  # its features (every posed pass) are not needed any more
+    validation = validation_predictions(model, data, config, device)
+    if config.threshold_folds:
+        out_of_fold = out_of_fold_scores(subspace_term(model, features, owners, config.variance_ratio, device), data,
+                                         config, device, lambda samples: loader(samples, data, config),
+                                         validation.scores, additive=config.score_type == "nll")
+    else:
+        out_of_fold = None
+    del features  # every posed pass: not needed any more
     return evaluate_and_save(
         model, config, data, device, train_time,
         extra_config={"feature_dim": int(model.mean.numel()), "n_components": model.n_components},
-        out_of_fold=out_of_fold,
+        out_of_fold=out_of_fold, validation=validation,
     )
 
 

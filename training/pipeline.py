@@ -115,6 +115,10 @@ def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1
     return make_loader(dataset, data.spec, batch_size=config.batch_size, shuffle=False)
 
 
+def validation_predictions(model: torch.nn.Module, data: RunData, config: TrainConfig, device: torch.device) -> Predictions:
+    return predict(model, loader(data.validation, data, config), device, desc="validation")
+
+
 def synthetic_auroc(model: torch.nn.Module, batches, device: torch.device) -> float:
     """Image AUROC of validation images against their synthetically defective copies."""
     predictions = predict(model, batches, device, desc="synthetic")
@@ -130,10 +134,12 @@ def evaluate_and_save(
     extra_config: dict | None = None,
     extra_metrics: dict | None = None,
     out_of_fold: OutOfFold | None = None,
+    validation: Predictions | None = None,
 ) -> Path:
     """Thresholds from validation (and the training images' `out_of_fold` scores), metrics on test, then write the
-    run folder."""
-    validation = predict(model, loader(data.validation, data, config), device, desc="validation")
+    run folder. `validation`: the model's validation predictions where the caller has them already."""
+    if validation is None:
+        validation = validation_predictions(model, data, config, device)
     fitted_scores, fitted_paths, source = validation.scores, list(validation.paths), "validation"
     if out_of_fold is not None:
         fitted_scores = np.concatenate([validation.scores, out_of_fold.scores])
@@ -155,6 +161,8 @@ def evaluate_and_save(
     run_dir = runs.new_run_dir(config.out, config.algorithm, config.backbone, config.category)
     # An absolute data root lets export and calibration find the data from any working directory.
     saved_config = config.to_dict() | {"data_root": str(Path(config.data_root).resolve())} | (extra_config or {})
+    if out_of_fold is None:
+        saved_config["threshold_folds"] = 0  # asked for but interrupted: config.json says what the run holds
     metrics_json = {
         **metrics,
         "thresholds": thresholds.__dict__,

@@ -26,7 +26,7 @@ from training.models.stfpm.anomaly_map import COMBINES
 from training.data.augment import Augmentation
 from training.pipeline import (
     autocast, evaluate_and_save, loader, prepare_data, resolve_device, run_cli, seed_everything, synthetic_auroc,
-    synthetic_validation,
+    synthetic_validation, validation_predictions,
 )
 
 log = logging.getLogger("training")
@@ -297,10 +297,11 @@ def train(config: StfpmConfig) -> Path:
     data = prepare_data(config)
     check_folds(config.threshold_folds, len(data.train))
     fitted = fit(config, data, device)
-    out_of_fold = out_of_fold_scores(fitted.model, retrained_without(config, data, device), data, config, device,
-                                     lambda samples: loader(samples, data, config))
+    validation = validation_predictions(fitted.model, data, config, device)
+    out_of_fold = out_of_fold_scores(retrained_without(config, data, device), data, config, device,
+                                     lambda samples: loader(samples, data, config), validation.scores)
     return evaluate_and_save(fitted.model, config, data, device, fitted.train_time_s, extra_metrics=fitted.metrics,
-                             extra_config=fitted.config, out_of_fold=out_of_fold)
+                             extra_config=fitted.config, out_of_fold=out_of_fold, validation=validation)
 
 
 def main(argv: list[str] | None = None) -> int:
