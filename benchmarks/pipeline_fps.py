@@ -91,14 +91,32 @@ class InputError(BenchmarkError):
 
 # -- machine ----------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
+# The flags that decide what OpenVINO can do on the CPU (and so what a timing means): named with every timing.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpuinfo_field(name: str) -> list[str]:
+    """Every value of one /proc/cpuinfo field, a line per core ([] where there is no /proc/cpuinfo)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return []
+    return [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name and ":" in line]
+
+
+def cpu_model() -> str:
+    names = cpuinfo_field("model name")
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    flags = cpuinfo_field("flags")
+    return set(flags[0].split()) if flags else set()
+
+
+def isa_flags() -> list[str]:
+    flags = cpu_flags()
+    return [flag for flag in ISA_FLAGS if flag in flags]
 
 
 def usable_cores() -> int:
@@ -113,7 +131,8 @@ def machine_info() -> dict:
     import openvino as ov
 
     return {
-        "cpu": cpu_model(), "cores": usable_cores(), "host": socket.gethostname(), "python": platform.python_version(),
+        "cpu": cpu_model(), "isa": isa_flags(), "cores": usable_cores(), "host": socket.gethostname(),
+        "python": platform.python_version(),
         "openvino": ov.__version__.split("-")[0], "opencv": cv2.__version__, "load_average_start": load_average(),
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from benchmarks import pipeline_fps as pf
 from edge_ad.model.bundle import read_bundle
 from edge_ad.model.inference import compile_bundle
 from edge_ad.model.precision import cpu_capabilities, cpu_has_bf16
 
 MODELS = ("stfpm-bottle", "stfpm-screw", "dfm-bottle", "dfm-screw")
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 HEAVY = ("Convolution", "FullyConnected", "MatMul")  # substrings: GroupConvolution, FullyConnectedCompressed...
 INT8_TARGET = 1.7  # INT8 >= 1.7x FP32 throughput on a VNNI CPU (issue 13)
 
@@ -55,19 +54,10 @@ VARIANTS = (
 
 
 def cpu_info(core: ov.Core) -> dict:
-    name, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
     import os
 
-    return {"cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")), "model_name": name,
-            "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags],
+    return {"cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")), "model_name": pf.cpu_model(),
+            "cores": os.cpu_count(), "flags": pf.isa_flags(),
             "openvino_capabilities": cpu_capabilities(core),
             "openvino": ov.get_version(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 

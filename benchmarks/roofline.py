@@ -135,16 +135,11 @@ def model_counts(run_dir: Path) -> dict:
 # -- the machine's ceilings ---------------------------------------------------------------------------
 
 def _cpuinfo() -> tuple[set[str], list[float]]:
-    flags, mhz = set(), []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("cpu MHz"):
-                mhz.append(float(line.split(":", 1)[1]))
-    except (OSError, ValueError):
-        pass
-    return flags, mhz
+        mhz = [float(value) for value in pf.cpuinfo_field("cpu MHz")]
+    except ValueError:
+        mhz = []
+    return pf.cpu_flags(), mhz
 
 
 def _lscpu_max_mhz() -> float | None:

@@ -153,12 +153,17 @@ def regenerate_command(categories: list[str]) -> str:
             f"--readme README.md`")
 
 
+def isa_text(info: dict) -> str:
+    """The CPU's flags for a summary line (machine records from before they were kept have none)."""
+    return f"; {', '.join(info['isa']) or 'no AVX2'}" if "isa" in info else ""
+
+
 def full_block(out: Path, info: dict, categories: list[str], steps: list[str], doc_dir: Path) -> str:
     """docs/RESULTS.md's block: every table each benchmark wrote, figures linked from doc_dir."""
     cpu = info.get("cpu", "unknown CPU")
     parts = [
         BEGIN,
-        f"Measured on {cpu}, {info.get('cores', '?')} cores, Python {info.get('python')}, OpenVINO "
+        f"Measured on {cpu}, {info.get('cores', '?')} cores{isa_text(info)}, Python {info.get('python')}, OpenVINO "
         f"{info.get('openvino')}; each timing table below names when it was measured and the load average then "
         f"(this summary: {info.get('date')}). Regenerate with {regenerate_command(categories)}; "
         f"raw JSON beside each table in [benchmarks/results/]({_link(out, doc_dir, '')}/).",
@@ -200,7 +205,7 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
     size_text = f"{'x'.join(shape.split('x')[2:])} input, " if shape else ""
     parts = [BEGIN,
              f"INT8 OpenVINO bundles, {size_text}on {info.get('cpu', 'unknown CPU')} ({info.get('cores', '?')} "
-             f"cores), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
+             f"cores{isa_text(info)}), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
              f"INT8 side by side, F1, training time, memory, roofline, anomalib details): [{full}]({full}).", ""]
     if accuracy:
         int8 = [row for row in accuracy if row["stage"] == "int8_ir"]

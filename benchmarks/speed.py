@@ -110,16 +110,6 @@ def machine() -> dict:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     except ImportError:
         pass
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-                   if f in flags]
     return info
 
 
