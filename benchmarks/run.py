@@ -230,8 +230,13 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
                       f"MQTT broker; size: model.xml + model.bin{f' ({speed_cat})' if speed_cat else ''}."]
     if peer:
         versions = peer.get("anomalib_versions", {})
+        measured = peer.get("machine", {})
+        when = str(measured.get("date", ""))[:10]
+        # a comparison kept from an earlier run (--steps without peer) says when, where and with which recipes
+        earlier = (f"; measured {when} on {measured.get('cpu', 'another CPU')} with edge-ad's recipes of that day, "
+                   f"not re-run since" if when and when != str(info.get("date", ""))[:10] else "")
         parts += ["", f"Against anomalib {versions.get('anomalib', '')} on {peer.get('category')} (same data, same "
-                      f"{peer.get('backbone')} ImageNet weights, same machine):", "",
+                      f"{peer.get('backbone')} ImageNet weights, same machine{earlier}):", "",
                   "| algorithm | measure | edge-ad | anomalib | ratio | target | verdict |", "|---|---|---:|---:|---:|---|---|"]
         for section in peer["comparisons"]:
             for row in section["rows"]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.accuracy import AccuracyError, collect, markdown
-from benchmarks.run import BEGIN, END, RunError, full_block, splice_readme
+from benchmarks.run import BEGIN, END, RunError, full_block, short_block, splice_readme
 from benchmarks.variants import Variant, load_variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,28 @@ def test_summary_step_needs_measured_tables(tmp_path):
     assert result.returncode == 2 and "machine.json missing" in result.stderr
     result = run_benchmarks("--steps", "models", "summary")
     assert result.returncode == 2 and "runs alone" in result.stderr
+
+
+def test_summary_names_the_cpu_flags_and_an_anomalib_comparison_kept_from_another_day(tmp_path):
+    """A rerun without the peer step keeps the earlier comparison: the README must not pass it off as today's."""
+    out = tmp_path / "results"
+    out.mkdir()
+    row = {"measure": "image AUROC", "ours": 1.0, "theirs": 0.9, "ratio": None, "target": "ours >= theirs",
+           "verdict": "met", "fmt": ".3f"}
+    peer = {"machine": {"cpu": "Intel Xeon", "date": "2026-11-22T19:16:48+00:00"}, "category": "bottle",
+            "backbone": "mobilenet_v2", "anomalib_versions": {"anomalib": "2.7.0"},
+            "comparisons": [{"name": "STFPM", "rows": [row]}]}
+    (out / "peer.json").write_text(json.dumps(peer))
+    today = {"cpu": "AMD EPYC", "isa": ["avx2", "fma"], "cores": 2, "openvino": "2026.4.1",
+             "date": "2026-12-08T02:00:00+00:00"}
+    block = short_block(out, today, ["bottle"], tmp_path / "docs" / "RESULTS.md", tmp_path)
+    assert "on AMD EPYC (2 cores; avx2, fma)" in block
+    assert "same machine; measured 2026-11-22 on Intel Xeon with edge-ad's recipes of that day, not re-run since" in block
+    assert "| STFPM | image AUROC | 1.000 | 0.900 |" in block
+    same_day = short_block(out, {**today, "date": "2026-11-22T20:00:00+00:00"}, ["bottle"],
+                           tmp_path / "docs" / "RESULTS.md", tmp_path)
+    assert "same machine):" in same_day and "not re-run" not in same_day
+    assert "Measured on AMD EPYC, 2 cores; avx2, fma," in full_block(out, today, ["bottle"], [], tmp_path)
 
 
 def test_figure_links_are_relative_to_the_document(tmp_path):
