@@ -158,6 +158,16 @@ def isa_text(info: dict) -> str:
     return f"; {', '.join(info['isa']) or 'no AVX2'}" if "isa" in info else ""
 
 
+def earlier_peer(peer: dict, info: dict) -> str:
+    """A comparison kept from an earlier run (--steps without peer) says when, where and with which recipes it was
+    measured; '' when it is from the same day as the rest."""
+    measured = peer.get("machine", {})
+    when = str(measured.get("date", ""))[:10]
+    if not when or when == str(info.get("date", ""))[:10]:
+        return ""
+    return f"measured {when} on {measured.get('cpu', 'another CPU')} with edge-ad's recipes of that day, not re-run since"
+
+
 def full_block(out: Path, info: dict, categories: list[str], steps: list[str], doc_dir: Path) -> str:
     """docs/RESULTS.md's block: every table each benchmark wrote, figures linked from doc_dir."""
     cpu = info.get("cpu", "unknown CPU")
@@ -181,7 +191,9 @@ def full_block(out: Path, info: dict, categories: list[str], steps: list[str], d
     if (out / "roofline.png").is_file():
         parts += ["", f"![roofline]({_link(out, doc_dir, 'roofline.png')})"]
     if "peer" in steps or (out / "peer.md").is_file():
-        parts += ["", "#### Side by side with anomalib", "", _read(out / "peer.md")]
+        earlier = earlier_peer(_json(out / "peer.json") or {}, info)
+        parts += ["", "#### Side by side with anomalib", ""] + ([f"({earlier}.)", ""] if earlier else []) + [
+            _read(out / "peer.md")]
     if (out / "heatmap_grid.png").is_file():
         parts += ["", "#### What the runtime sees (generated data)", "",
                   f"![heatmaps and regions on generated test images]({_link(out, doc_dir, 'heatmap_grid.png')})"]
@@ -230,13 +242,9 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
                       f"MQTT broker; size: model.xml + model.bin{f' ({speed_cat})' if speed_cat else ''}."]
     if peer:
         versions = peer.get("anomalib_versions", {})
-        measured = peer.get("machine", {})
-        when = str(measured.get("date", ""))[:10]
-        # a comparison kept from an earlier run (--steps without peer) says when, where and with which recipes
-        earlier = (f"; measured {when} on {measured.get('cpu', 'another CPU')} with edge-ad's recipes of that day, "
-                   f"not re-run since" if when and when != str(info.get("date", ""))[:10] else "")
+        earlier = earlier_peer(peer, info)
         parts += ["", f"Against anomalib {versions.get('anomalib', '')} on {peer.get('category')} (same data, same "
-                      f"{peer.get('backbone')} ImageNet weights, same machine{earlier}):", "",
+                      f"{peer.get('backbone')} ImageNet weights, same machine{f'; {earlier}' if earlier else ''}):", "",
                   "| algorithm | measure | edge-ad | anomalib | ratio | target | verdict |", "|---|---|---:|---:|---:|---|---|"]
         for section in peer["comparisons"]:
             for row in section["rows"]:

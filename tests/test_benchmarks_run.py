@@ -132,7 +132,10 @@ def test_summary_names_the_cpu_flags_and_an_anomalib_comparison_kept_from_anothe
     same_day = short_block(out, {**today, "date": "2026-11-22T20:00:00+00:00"}, ["bottle"],
                            tmp_path / "docs" / "RESULTS.md", tmp_path)
     assert "same machine):" in same_day and "not re-run" not in same_day
-    assert "Measured on AMD EPYC, 2 cores; avx2, fma," in full_block(out, today, ["bottle"], [], tmp_path)
+    (out / "peer.md").write_text("peer tables")
+    full = full_block(out, today, ["bottle"], [], tmp_path)
+    assert "Measured on AMD EPYC, 2 cores; avx2, fma," in full
+    assert "(measured 2026-11-22 on Intel Xeon with edge-ad's recipes of that day, not re-run since.)\n\npeer tables" in full
 
 
 def test_figure_links_are_relative_to_the_document(tmp_path):
