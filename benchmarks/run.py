@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.peer_anomalib import _mib
-from benchmarks.variants import Variant, save_variants
+from benchmarks.variants import Variant, load_variants, save_variants
 from edge_ad.ops.tool_cli import run_tool
 from training.config import DfmConfig, StfpmConfig
 
@@ -39,6 +39,7 @@ PY = sys.executable
 ALL_STEPS = ("models", "accuracy", "speed", "footprint", "roofline", "figures", "peer")
 DEFAULT_STEPS = ("models", "accuracy", "speed", "footprint", "roofline", "figures")
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+PEER_BACKBONE = "mobilenet_v2"  # benchmarks.peer_anomalib's default: the backbone anomalib gets our weights for
 
 
 class RunError(Exception):
@@ -59,15 +60,21 @@ def _command(title: str, *args: str, log_file: Path) -> None:
 
 
 # Recipe settings a reused run must share with today's defaults, each with the value runs saved before it
-# existed were trained with (a student-only STFPM, a PCA on 3 posed copies).
+# existed were trained with (a student-only STFPM; a DFM on the stride-16 tap, total error, no posed copies).
 RECIPE_KEYS = {"stfpm": {"subspace_weight": 0.0, "subspace_posed_copies": 3, "memory_weight": 0.0, "student_pool": 1,
                          "memory_fraction": StfpmConfig.memory_fraction, "memory_fusion": "map"},
-               "dfm": {"posed_copies": 3}}
+               "dfm": {"posed_copies": 3, "taps": "2", "score_type": "fre", "augment": "none", "pool": 1}}
+
+
+# anomalib's DFM has one tap, the total reconstruction error and no posed copies: the like-for-like run the anomalib
+# comparison trains for DFM (today's default DFM is not a model anomalib can train). STFPM is compared as it ships.
+PEER_RECIPES = {"dfm": {"taps": "2", "score_type": "fre", "augment": "none"}}
 
 
 def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
-             epochs: int | None) -> bool:
-    """A finished run trained with the settings asked for (anything else is not reused)."""
+             epochs: int | None, recipe: dict[str, str] | None = None) -> bool:
+    """A finished run trained with the settings asked for: today's default recipe, or `recipe` where given
+    (anything else is not reused)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -78,15 +85,19 @@ def _matches(run_dir: Path, algorithm: str, backbone: str, category: str, data_r
         algorithm, backbone, category, image_size)
     same_root = Path(config.get("data_root", "")).resolve() == data_root.resolve()
     defaults = StfpmConfig if algorithm == "stfpm" else DfmConfig
+    recipe = recipe or {}
     for key, before in RECIPE_KEYS.get(algorithm, {}).items():  # today's default recipe, not an older one
-        same = same and config.get(key, before) == getattr(defaults, key)
+        if key not in recipe:
+            same = same and config.get(key, before) == getattr(defaults, key)
+    same = same and all(str(config.get(key)) == value for key, value in recipe.items())
     return same and same_root and (epochs is None or config.get("epochs") == epochs)
 
 
 def find_run(runs: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
-             epochs: int | None) -> Path | None:
+             epochs: int | None, recipe: dict[str, str] | None = None) -> Path | None:
     candidates = sorted(runs.glob(f"{algorithm}-{backbone}-{category}-*"), key=lambda p: p.name)
-    matching = [p for p in candidates if _matches(p, algorithm, backbone, category, data_root, image_size, epochs)]
+    matching = [p for p in candidates
+                if _matches(p, algorithm, backbone, category, data_root, image_size, epochs, recipe)]
     return matching[-1] if matching else None
 
 
@@ -95,15 +106,16 @@ def _bundle_done(bundle: Path) -> bool:
 
 
 def train_run(runs: Path, logs: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
-              epochs: int | None, *extra: str) -> Path:
-    """Train with the user's command and return the new run folder."""
+              epochs: int | None, *extra: str, recipe: dict[str, str] | None = None) -> Path:
+    """Train with the user's command (with `recipe`'s options where given) and return the new run folder."""
     name = f"{algorithm}-{backbone}-{category}"
+    options = [arg for key, value in (recipe or {}).items() for arg in (f"--{key.replace('_', '-')}", value)]
     train_args = ["-m", f"training.{algorithm}", "--data-root", str(data_root), "--category", category,
-                  "--backbone", backbone, "--image-size", str(image_size), "--out", str(runs), *extra]
+                  "--backbone", backbone, "--image-size", str(image_size), "--out", str(runs), *options, *extra]
     if epochs is not None:
         train_args += ["--epochs", str(epochs)]
     _command(f"train {name}", *train_args, log_file=logs / f"train-{name}.log")
-    run_dir = find_run(runs, algorithm, backbone, category, data_root, image_size, epochs)
+    run_dir = find_run(runs, algorithm, backbone, category, data_root, image_size, epochs, recipe)
     if run_dir is None:
         raise RunError(f"training {name} finished but left no run folder in {runs}")
     return run_dir
@@ -115,17 +127,23 @@ def export_bundle(run_dir: Path, bundle: Path, name: str, logs: Path) -> None:
                  log_file=logs / f"export-{name}.log")
 
 
-def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, category: str) -> Variant | None:
-    runs, bundles, logs = args.work / "runs", args.work / "bundles", args.work / "logs"
+def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, category: str,
+                    recipe: dict[str, str] | None = None) -> Variant | None:
+    """Train (or reuse), export and quantize one model; `recipe`: options instead of today's defaults (the anomalib
+    comparison's like-for-like DFM), kept in runs and bundles of their own."""
+    prefix = "peer-" if recipe else ""
+    runs, bundles, logs = args.work / f"{prefix}runs", args.work / f"{prefix}bundles", args.work / "logs"
     epochs = args.epochs if algorithm == "stfpm" else None
-    name = f"{algorithm}-{backbone}-{category}"
+    name = f"{prefix}{algorithm}-{backbone}-{category}"
     image_size = args.image_size or (StfpmConfig if algorithm == "stfpm" else DfmConfig).image_size
-    run_dir = None if args.retrain else find_run(runs, algorithm, backbone, category, args.data_root, image_size, epochs)
+    run_dir = None if args.retrain else find_run(runs, algorithm, backbone, category, args.data_root, image_size, epochs,
+                                                 recipe)
     if run_dir is None and args.no_train:
         log.warning("%s: no finished run in %s and --no-train: left out", name, runs)
         return None
     if run_dir is None:
-        run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, image_size, epochs)
+        run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, image_size, epochs,
+                            recipe=recipe)
     else:
         log.info("%s: reusing %s", name, run_dir)
     fp32, int8 = bundles / f"{run_dir.name}-fp32", bundles / f"{run_dir.name}-int8"
@@ -137,6 +155,25 @@ def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, cat
         _command(f"report {name}", "-m", "training.report", str(run_dir), "--bundle", str(fp32), "--bundle", str(int8),
                  log_file=logs / f"report-{name}.log")
     return Variant(algorithm, backbone, category, run_dir.resolve(), fp32.resolve(), int8.resolve())
+
+
+def peer_variants(args: argparse.Namespace, variants: list[Variant], category: str) -> Path:
+    """OUT/peer-variants.json: what the anomalib comparison measures of ours, each algorithm as anomalib can train it
+    (PEER_RECIPES), on the comparison's category and backbone."""
+    backbone = PEER_BACKBONE
+    chosen = []
+    for algorithm in args.algorithms:
+        if algorithm in PEER_RECIPES:
+            variant = prepare_variant(args, algorithm, backbone, category, PEER_RECIPES[algorithm])
+        else:
+            variant = next((v for v in variants if (v.algorithm, v.backbone, v.category) == (algorithm, backbone, category)),
+                           None) or prepare_variant(args, algorithm, backbone, category)
+        if variant is None:
+            raise RunError(f"peer: no {algorithm} {backbone} {category} model to compare (--no-train)")
+        chosen.append(variant)
+    path = args.out / "peer-variants.json"
+    save_variants(chosen, path)
+    return path
 
 
 def _read(path: Path) -> str:
@@ -342,8 +379,10 @@ def run(args: argparse.Namespace) -> Path:
             _command(step, "-m", f"benchmarks.{step}", "--variants", str(variants_json), "--out", str(args.out),
                      "--category", first, log_file=args.work / "logs" / f"{step}.log")
     if "peer" in args.steps:
+        peer_json = peer_variants(args, load_variants(variants_json), first)
         _command("peer (anomalib)", "-m", "benchmarks.peer_anomalib", "--data-root", str(args.data_root),
-                 "--category", first, "--variants", str(variants_json), "--out", str(args.out),
+                 "--category", first, "--variants", str(peer_json), "--out", str(args.out),
+                 "--backbone", PEER_BACKBONE, "--algorithms", ",".join(args.algorithms),
                  "--epochs", str(args.epochs), *(["--reuse-anomalib-result"] if args.peer_reuse else []),
                  log_file=args.work / "logs" / "peer.log")
     if "figures" in args.steps:

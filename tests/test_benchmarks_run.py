@@ -156,6 +156,48 @@ def test_rerun_reuses_runs_and_bundles(dfm_benchmark):
     assert "reusing" in result.stderr
 
 
+def test_the_anomalib_comparison_gets_a_dfm_anomalib_can_train(dfm_benchmark):
+    """Today's DFM (pooled stride-8 tap, top-1 % score, posed copies) is no model anomalib trains: the peer step
+    trains one with anomalib's recipe beside it, in runs of its own, and reuses it on a rerun."""
+    from benchmarks import peer_anomalib
+    from benchmarks.run import PEER_RECIPES, find_run, parse_args, peer_variants
+
+    work, args, _ = dfm_benchmark
+    run_args = parse_args(args)
+    (default,) = load_variants(work / "results" / "variants.json")
+    path = peer_variants(run_args, [default], "synthetic")
+    (peer,) = load_variants(path)
+    assert peer.run_dir.parent == work / "work" / "peer-runs" and peer.int8.parent == work / "work" / "peer-bundles"
+    config = json.loads((peer.run_dir / "config.json").read_text())
+    assert {key: config[key] for key in PEER_RECIPES["dfm"]} == PEER_RECIPES["dfm"]
+    assert (peer.int8 / "bundle.json").is_file()
+    # the like-for-like run is never taken for today's default, nor the default for it
+    data_root = run_args.data_root
+    assert find_run(work / "work" / "peer-runs", "dfm", "mobilenet_v2", "synthetic", data_root, 64, None) is None
+    assert find_run(work / "work" / "runs", "dfm", "mobilenet_v2", "synthetic", data_root, 64, None,
+                    PEER_RECIPES["dfm"]) is None
+    assert load_variants(peer_variants(run_args, [default], "synthetic")) == [peer]  # reused, not retrained
+    assert len(list((work / "work" / "peer-runs").iterdir())) == 1
+
+
+def test_anomalib_takes_the_peer_recipe_and_refuses_todays_default_dfm(tmp_path):
+    from benchmarks import peer_anomalib
+    from benchmarks.run import PEER_RECIPES
+    from training.config import DfmConfig
+
+    def variant(config: dict) -> Variant:
+        run_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps(config))
+        return Variant("dfm", "mobilenet_v2", "bottle", run_dir, run_dir, run_dir)
+
+    default = DfmConfig(category="bottle").to_dict()
+    with pytest.raises(peer_anomalib.PeerInputError, match="one tap, fre/nll scores and no augmentation"):
+        peer_anomalib.worker_variant(variant(default), epochs=1)
+    spec = peer_anomalib.worker_variant(variant({**default, **PEER_RECIPES["dfm"]}), epochs=1)
+    assert spec["score_type"] == "fre" and len(spec["taps"]) == 1 and spec["pool"] == default["pool"]
+
+
 def test_bad_data_root_is_one_line(tmp_path):
     result = run_benchmarks("--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"))
     assert result.returncode == 2
@@ -207,9 +249,12 @@ def test_heatmap_grid_through_the_runtime(tiny_fp32_bundle, synthetic_root, tmp_
 
 
 @pytest.mark.parametrize("algorithm, saved, reused", [
-    ("dfm", {"posed_copies": 7}, True),
+    ("dfm", {"posed_copies": 7, "taps": "1", "score_type": "map", "augment": "rotate,hflip,vflip", "pool": 2}, True),
+    ("dfm", {"posed_copies": 7}, False),  # saved before --taps/--score-type existed: the stride-16 tap, total error
     ("dfm", {}, False),  # saved before --posed-copies existed: a PCA on 3 copies, not today's default
-    ("dfm", {"posed_copies": 11}, False),
+    ("dfm", {"posed_copies": 11, "taps": "1", "score_type": "map", "augment": "rotate,hflip,vflip", "pool": 2}, False),
+    # the anomalib comparison's like-for-like DFM is not today's default
+    ("dfm", {"posed_copies": 7, "taps": "2", "score_type": "fre", "augment": "none", "pool": 2}, False),
     ("stfpm", {"subspace_weight": 2.0, "subspace_posed_copies": 3}, True),
     ("stfpm", {"subspace_weight": 2.0}, True),  # from before the option: 3 copies, today's default
     ("stfpm", {}, False),  # student only
