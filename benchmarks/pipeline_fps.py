@@ -109,14 +109,22 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
+def cpu_flags() -> set[str] | None:
+    """None where no x86 flags line could be read (no /proc/cpuinfo, or an ARM CPU): unknown, not absent."""
     flags = cpuinfo_field("flags")
-    return set(flags[0].split()) if flags else set()
+    return set(flags[0].split()) if flags else None
 
 
-def isa_flags() -> list[str]:
+def isa_flags() -> list[str] | None:
     flags = cpu_flags()
-    return [flag for flag in ISA_FLAGS if flag in flags]
+    return None if flags is None else [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def describe_isa(isa: list[str] | None) -> str:
+    """machine_info's "isa" for a line of text."""
+    if isa is None:
+        return "ISA unknown"
+    return ", ".join(isa) or f"none of {', '.join(ISA_FLAGS)}"
 
 
 def usable_cores() -> int:

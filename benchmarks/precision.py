@@ -57,7 +57,7 @@ def cpu_info(core: ov.Core) -> dict:
     import os
 
     return {"cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")), "model_name": pf.cpu_model(),
-            "cores": os.cpu_count(), "flags": pf.isa_flags(),
+            "cores": os.cpu_count(), "flags": pf.isa_flags() or [],
             "openvino_capabilities": cpu_capabilities(core),
             "openvino": ov.get_version(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 

@@ -139,7 +139,7 @@ def _cpuinfo() -> tuple[set[str], list[float]]:
         mhz = [float(value) for value in pf.cpuinfo_field("cpu MHz")]
     except ValueError:
         mhz = []
-    return pf.cpu_flags(), mhz
+    return pf.cpu_flags() or set(), mhz
 
 
 def _lscpu_max_mhz() -> float | None:
@@ -367,7 +367,7 @@ def markdown(report: dict) -> str:
     speed_m = report.get("speed_machine") or {}
     lines = [
         f"Machine: {machine_line(report['machine'])}.",
-        f"Latencies from {report['speed_json']} (measured {speed_m.get('date', '?')}, load average at start "
+        f"Latencies from {Path(report['speed_json']).name} (measured {speed_m.get('date', '?')}, load average at start "
         f"{speed_m.get('load_average_start', '?')}).",
         "",
         f"Compute peak **{p['gflops']:.0f} GFLOP/s** FP32 = {p['assumption']}. Measured: float32 matrix product "

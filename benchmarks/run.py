@@ -25,9 +25,11 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from benchmarks.peer_anomalib import _mib
+from benchmarks.pipeline_fps import describe_isa
 from benchmarks.variants import Variant, load_variants, save_variants
 from edge_ad.ops.tool_cli import run_tool
 from training.config import DfmConfig, StfpmConfig
@@ -192,17 +194,21 @@ def regenerate_command(categories: list[str]) -> str:
 
 def isa_text(info: dict) -> str:
     """The CPU's flags for a summary line (machine records from before they were kept have none)."""
-    return f"; {', '.join(info['isa']) or 'no AVX2'}" if "isa" in info else ""
+    return f" ({describe_isa(info['isa'])})" if "isa" in info else ""
 
 
 def earlier_peer(peer: dict, info: dict) -> str:
     """A comparison kept from an earlier run (--steps without peer) says when, where and with which recipes it was
     measured; '' when it is from the same day as the rest."""
     measured = peer.get("machine", {})
-    when = str(measured.get("date", ""))[:10]
-    if not when or when == str(info.get("date", ""))[:10]:
+    try:
+        earlier = datetime.fromisoformat(measured["date"]) < datetime.fromisoformat(info["date"])
+    except (KeyError, TypeError, ValueError):
         return ""
-    return f"measured {when} on {measured.get('cpu', 'another CPU')} with edge-ad's recipes of that day, not re-run since"
+    if not earlier:  # measured by this run (which started at info's date), or after it
+        return ""
+    return (f"measured {measured['date'][:10]} on {measured.get('cpu', 'another CPU')} with edge-ad's recipes of that "
+            f"day, not re-run since")
 
 
 def full_block(out: Path, info: dict, categories: list[str], steps: list[str], doc_dir: Path) -> str:
@@ -254,7 +260,7 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
     size_text = f"{'x'.join(shape.split('x')[2:])} input, " if shape else ""
     parts = [BEGIN,
              f"INT8 OpenVINO bundles, {size_text}on {info.get('cpu', 'unknown CPU')} ({info.get('cores', '?')} "
-             f"cores{isa_text(info)}), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
+             f"cores{'; ' + describe_isa(info['isa']) if 'isa' in info else ''}), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
              f"INT8 side by side, F1, training time, memory, roofline, anomalib details): [{full}]({full}).", ""]
     if accuracy:
         int8 = [row for row in accuracy if row["stage"] == "int8_ir"]
@@ -280,8 +286,10 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
     if peer:
         versions = peer.get("anomalib_versions", {})
         earlier = earlier_peer(peer, info)
+        what = earlier or "DFM: a run with anomalib's recipe, `" + " ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in PEER_RECIPES["dfm"].items()) + "`"
         parts += ["", f"Against anomalib {versions.get('anomalib', '')} on {peer.get('category')} (same data, same "
-                      f"{peer.get('backbone')} ImageNet weights, same machine{f'; {earlier}' if earlier else ''}):", "",
+                      f"{peer.get('backbone')} ImageNet weights, same machine; {what}):", "",
                   "| algorithm | measure | edge-ad | anomalib | ratio | target | verdict |", "|---|---|---:|---:|---:|---|---|"]
         for section in peer["comparisons"]:
             for row in section["rows"]:
@@ -410,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None,
                         help="model input size (default: each algorithm's own config default, 256 for both today)")
     parser.add_argument("--steps", nargs="+", default=list(DEFAULT_STEPS), choices=(*ALL_STEPS, "all", "summary"),
-                        help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib, ~45 min); "
+                        help=f"default: {' '.join(DEFAULT_STEPS)}; 'all' adds peer (installs anomalib and trains it, 15-25 min); "
                              "'summary' alone measures nothing and rewrites the blocks from the tables in --out")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="runs, bundles and logs (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="tables, JSON and figures")

@@ -115,7 +115,7 @@ def machine() -> dict:
 
 def machine_line(m: dict) -> str:
     extra = f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else ""
-    return (f"{m['cpu']}, {m['cores']} usable core(s) ({', '.join(m.get('isa', [])) or 'ISA unknown'}), "
+    return (f"{m['cpu']}, {m['cores']} usable core(s) ({pf.describe_isa(m.get('isa'))}), "
             f"load average at start {m['load_average_start']} (1/5/15 min), OpenVINO {m['openvino']}{extra}, "
             f"Python {m['python']}, {m['date']}")
 

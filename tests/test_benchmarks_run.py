@@ -129,12 +129,15 @@ def test_summary_names_the_cpu_flags_and_an_anomalib_comparison_kept_from_anothe
     assert "on AMD EPYC (2 cores; avx2, fma)" in block
     assert "same machine; measured 2026-11-22 on Intel Xeon with edge-ad's recipes of that day, not re-run since" in block
     assert "| STFPM | image AUROC | 1.000 | 0.900 |" in block
-    same_day = short_block(out, {**today, "date": "2026-11-22T20:00:00+00:00"}, ["bottle"],
+    same_day = short_block(out, {**today, "date": "2026-11-22T19:00:00+00:00"}, ["bottle"],
                            tmp_path / "docs" / "RESULTS.md", tmp_path)
-    assert "same machine):" in same_day and "not re-run" not in same_day
+    # measured by this run (after it started): named as today's, with the DFM recipe it compares
+    assert "same machine; DFM: a run with anomalib's recipe, `--taps 2 --score-type fre --augment none`):" in same_day
+    assert "not re-run" not in same_day
     (out / "peer.md").write_text("peer tables")
     full = full_block(out, today, ["bottle"], [], tmp_path)
-    assert "Measured on AMD EPYC, 2 cores; avx2, fma," in full
+    assert "Measured on AMD EPYC, 2 cores (avx2, fma)," in full
+    assert "2 cores (ISA unknown)" in full_block(out, {**today, "isa": None}, ["bottle"], [], tmp_path)
     assert "(measured 2026-11-22 on Intel Xeon with edge-ad's recipes of that day, not re-run since.)\n\npeer tables" in full
 
 
@@ -159,7 +162,6 @@ def test_rerun_reuses_runs_and_bundles(dfm_benchmark):
 def test_the_anomalib_comparison_gets_a_dfm_anomalib_can_train(dfm_benchmark):
     """Today's DFM (pooled stride-8 tap, top-1 % score, posed copies) is no model anomalib trains: the peer step
     trains one with anomalib's recipe beside it, in runs of its own, and reuses it on a rerun."""
-    from benchmarks import peer_anomalib
     from benchmarks.run import PEER_RECIPES, find_run, parse_args, peer_variants
 
     work, args, _ = dfm_benchmark

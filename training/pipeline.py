@@ -116,6 +116,7 @@ def synthetic_validation(data: RunData, config: TrainConfig, strength: float = 1
 
 
 def validation_predictions(model: torch.nn.Module, data: RunData, config: TrainConfig, device: torch.device) -> Predictions:
+    """Computed once per run: the image threshold and the out-of-fold scale use the same scores."""
     return predict(model, loader(data.validation, data, config), device, desc="validation")
 
 
@@ -162,7 +163,7 @@ def evaluate_and_save(
     # An absolute data root lets export and calibration find the data from any working directory.
     saved_config = config.to_dict() | {"data_root": str(Path(config.data_root).resolve())} | (extra_config or {})
     if out_of_fold is None:
-        saved_config["threshold_folds"] = 0  # asked for but interrupted: config.json says what the run holds
+        saved_config["threshold_folds"] = 0  # off, interrupted or re-scored: config.json says what the run holds
     metrics_json = {
         **metrics,
         "thresholds": thresholds.__dict__,
