@@ -108,9 +108,10 @@ def _bundle_done(bundle: Path) -> bool:
 
 
 def train_run(runs: Path, logs: Path, algorithm: str, backbone: str, category: str, data_root: Path, image_size: int,
-              epochs: int | None, *extra: str, recipe: dict[str, str] | None = None) -> Path:
-    """Train with the user's command (with `recipe`'s options where given) and return the new run folder."""
-    name = f"{algorithm}-{backbone}-{category}"
+              epochs: int | None, *extra: str, recipe: dict[str, str] | None = None, name: str | None = None) -> Path:
+    """Train with the user's command (with `recipe`'s options where given) and return the new run folder; `name`
+    titles the step and its log (default: algorithm-backbone-category)."""
+    name = name or f"{algorithm}-{backbone}-{category}"
     options = [arg for key, value in (recipe or {}).items() for arg in (f"--{key.replace('_', '-')}", value)]
     train_args = ["-m", f"training.{algorithm}", "--data-root", str(data_root), "--category", category,
                   "--backbone", backbone, "--image-size", str(image_size), "--out", str(runs), *options, *extra]
@@ -145,7 +146,7 @@ def prepare_variant(args: argparse.Namespace, algorithm: str, backbone: str, cat
         return None
     if run_dir is None:
         run_dir = train_run(runs, logs, algorithm, backbone, category, args.data_root, image_size, epochs,
-                            recipe=recipe)
+                            recipe=recipe, name=name)
     else:
         log.info("%s: reusing %s", name, run_dir)
     fp32, int8 = bundles / f"{run_dir.name}-fp32", bundles / f"{run_dir.name}-int8"
@@ -193,13 +194,13 @@ def regenerate_command(categories: list[str]) -> str:
 
 
 def isa_text(info: dict) -> str:
-    """The CPU's flags for a summary line (machine records from before they were kept have none)."""
-    return f" ({describe_isa(info['isa'])})" if "isa" in info else ""
+    """The CPU's flags for a summary line; '' for machine records from before they were kept."""
+    return describe_isa(info["isa"]) if "isa" in info else ""
 
 
 def earlier_peer(peer: dict, info: dict) -> str:
     """A comparison kept from an earlier run (--steps without peer) says when, where and with which recipes it was
-    measured; '' when it is from the same day as the rest."""
+    measured; '' when this run measured it (its date is not before the run's start, info's date)."""
     measured = peer.get("machine", {})
     try:
         earlier = datetime.fromisoformat(measured["date"]) < datetime.fromisoformat(info["date"])
@@ -216,7 +217,7 @@ def full_block(out: Path, info: dict, categories: list[str], steps: list[str], d
     cpu = info.get("cpu", "unknown CPU")
     parts = [
         BEGIN,
-        f"Measured on {cpu}, {info.get('cores', '?')} cores{isa_text(info)}, Python {info.get('python')}, OpenVINO "
+        f"Measured on {cpu}, {info.get('cores', '?')} cores{f' ({isa})' if (isa := isa_text(info)) else ''}, Python {info.get('python')}, OpenVINO "
         f"{info.get('openvino')}; each timing table below names when it was measured and the load average then "
         f"(this summary: {info.get('date')}). Regenerate with {regenerate_command(categories)}; "
         f"raw JSON beside each table in [benchmarks/results/]({_link(out, doc_dir, '')}/).",
@@ -260,7 +261,8 @@ def short_block(out: Path, info: dict, categories: list[str], results_doc: Path,
     size_text = f"{'x'.join(shape.split('x')[2:])} input, " if shape else ""
     parts = [BEGIN,
              f"INT8 OpenVINO bundles, {size_text}on {info.get('cpu', 'unknown CPU')} ({info.get('cores', '?')} "
-             f"cores{'; ' + describe_isa(info['isa']) if 'isa' in info else ''}), OpenVINO {info.get('openvino')}, {str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
+             f"cores{f'; {isa}' if (isa := isa_text(info)) else ''}), OpenVINO {info.get('openvino')}, "
+             f"{str(info.get('date', ''))[:10]}. Every table (torch / FP32 / "
              f"INT8 side by side, F1, training time, memory, roofline, anomalib details): [{full}]({full}).", ""]
     if accuracy:
         int8 = [row for row in accuracy if row["stage"] == "int8_ir"]

@@ -180,6 +180,9 @@ def test_the_anomalib_comparison_gets_a_dfm_anomalib_can_train(dfm_benchmark):
                     PEER_RECIPES["dfm"]) is None
     assert load_variants(peer_variants(run_args, [default], "synthetic")) == [peer]  # reused, not retrained
     assert len(list((work / "work" / "peer-runs").iterdir())) == 1
+    # its training log sits beside the default model's, not over it
+    assert (work / "work" / "logs" / "train-peer-dfm-mobilenet_v2-synthetic.log").is_file()
+    assert (work / "work" / "logs" / "train-dfm-mobilenet_v2-synthetic.log").is_file()
 
 
 def test_anomalib_takes_the_peer_recipe_and_refuses_todays_default_dfm(tmp_path):
